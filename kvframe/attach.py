@@ -1,0 +1,193 @@
+"""Attach a compressor to a Hugging Face causal LM, inside a ``with`` block.
+
+Integration goes only through transformers' public extension points:
+
+- the attention-function and mask-function registries (``AttentionInterface`` /
+  ``AttentionMaskInterface``): kvframe registers ``"kvframe"`` while at least one model is attached
+  and removes it when the last one detaches, then sets the model's attention implementation with
+  ``set_attn_implementation`` and restores the original on exit;
+- the Cache API: a :class:`~kvframe.cache.SlotCache` is handed to the model as ``past_key_values``.
+  So that ``model.generate(...)`` and ``model(...)`` need no extra argument, the *instance's*
+  ``forward`` is wrapped for the duration of the block (nothing at class or module level) to supply
+  a fresh ``SlotCache`` whenever the call carries no cache or the empty default cache
+  ``generate`` creates. Leaving the block removes the wrapper, so the model is exactly as before.
+
+Importing kvframe changes nothing in transformers. Unsupported models fail loudly at attach time
+(or at the first forward if a model bypasses the attention registry), never silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from kvframe.attention import ATTENTION_NAME, kvframe_attention, kvframe_mask
+from kvframe.cache import SUPPORTED_LAYER_TYPES, SlotCache
+from kvframe.compressor import Compressor
+from kvframe.errors import ConfigError, UnsupportedModelError
+
+_lock = threading.Lock()
+_registrations = 0
+_ATTACHED = "_kvframe_attachment"
+
+
+def _register() -> None:
+    global _registrations
+    with _lock:
+        if _registrations == 0:
+            AttentionInterface.register(ATTENTION_NAME, kvframe_attention)
+            AttentionMaskInterface.register(ATTENTION_NAME, kvframe_mask)
+        _registrations += 1
+
+
+def _unregister() -> None:
+    global _registrations
+    with _lock:
+        _registrations -= 1
+        if _registrations == 0:
+            # transformers has no public "unregister"; remove exactly what _register added
+            AttentionInterface._global_mapping.pop(ATTENTION_NAME, None)
+            AttentionMaskInterface._global_mapping.pop(ATTENTION_NAME, None)
+
+
+@dataclass
+class Attachment:
+    """Handle yielded by :func:`attach`. ``cache`` is the most recent :class:`SlotCache` used."""
+
+    model: Any
+    compressor: Compressor
+    caches: list[SlotCache] = field(default_factory=list)
+
+    @property
+    def cache(self) -> SlotCache | None:
+        return self.caches[-1] if self.caches else None
+
+    def new_cache(self) -> SlotCache:
+        """A fresh cache for this model and compressor (for explicit ``past_key_values=``)."""
+        cache = SlotCache.for_model(self.model, self.compressor)
+        self.caches[:] = [cache]
+        return cache
+
+
+def check_model(model: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless kvframe can drive ``model``'s attention and cache."""
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(
+            f"kvframe.attach needs a transformers PreTrainedModel (a causal LM); got {type(model).__name__}"
+        )
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; kvframe supports decoder-only causal LMs")
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so kvframe cannot attach to it"
+        )
+    n = getattr(config, "num_hidden_layers", None)
+    if not n:
+        raise UnsupportedModelError(f"{type(model).__name__}: config has no num_hidden_layers")
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+    bad = sorted({t for t in types if t not in SUPPORTED_LAYER_TYPES})
+    if bad:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({config.model_type}) has layer types {bad}; kvframe supports {', '.join(SUPPORTED_LAYER_TYPES)}"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModelError(f"{type(model).__name__} uses attention logit soft-capping, which kvframe does not support")
+
+
+def _attention_modules(model: Any) -> list[Any]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "o_proj")]
+
+
+@contextmanager
+def attach(model: Any, compressor: Compressor) -> Iterator[Attachment]:
+    """Compress ``model``'s KV cache with ``compressor`` inside the ``with`` block.
+
+    >>> comp = kvframe.build("snapkv", budget=0.25)
+    >>> with kvframe.attach(model, comp):
+    ...     out = model.generate(**inputs, max_new_tokens=32)
+    """
+    if not isinstance(compressor, Compressor):
+        raise ConfigError(f"attach needs a kvframe Compressor (see kvframe.build); got {type(compressor).__name__}")
+    check_model(model)
+    if getattr(model, _ATTACHED, None) is not None:
+        raise ConfigError("this model is already attached to a kvframe compressor; leave that block first")
+    if compressor.needs_rope:
+        from kvframe.rope import Rotary
+
+        Rotary.from_model(model)  # fail now, not mid-generation
+    handle = Attachment(model, compressor)
+    original_impl = model.config._attn_implementation
+    had_instance_forward = "forward" in model.__dict__
+    previous_forward = model.__dict__.get("forward")
+    _register()
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+        stale = [type(m).__name__ for m in _attention_modules(model) if m.config._attn_implementation != ATTENTION_NAME]
+        if model.config._attn_implementation != ATTENTION_NAME or stale:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not switch to kvframe's attention function (set_attn_implementation "
+                f"left {model.config._attn_implementation!r}{'; modules ' + str(sorted(set(stale))) if stale else ''})"
+            )
+        model.forward = _wrap_forward(model, handle)
+        object.__setattr__(model, _ATTACHED, handle)
+        yield handle
+    finally:
+        if had_instance_forward:
+            model.forward = previous_forward
+        else:
+            model.__dict__.pop("forward", None)
+        model.__dict__.pop(_ATTACHED, None)
+        try:
+            if model.config._attn_implementation != original_impl:
+                model.set_attn_implementation(original_impl)
+        finally:
+            _unregister()
+
+
+def _wrap_forward(model: Any, handle: Attachment) -> Any:
+    original = model.forward  # bound method (class forward, or a previous instance wrapper)
+    sig = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind_partial(*args, **kwargs)
+        arguments = bound.arguments
+        pkv = arguments.get("past_key_values")
+        use_cache = arguments.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", True)
+        if isinstance(pkv, SlotCache):
+            if pkv.compressor is not handle.compressor:
+                pass  # an explicit cache keeps its own compressor
+        elif use_cache and (pkv is None or (isinstance(pkv, Cache) and pkv.get_seq_length() == 0)):
+            arguments["past_key_values"] = handle.new_cache()
+        elif pkv is not None:
+            raise UnsupportedModelError(
+                f"inside kvframe.attach the model got a non-empty {type(pkv).__name__}; kvframe can only continue "
+                "its own SlotCache (pass no past_key_values, or the cache from a previous call inside the block)"
+            )
+        out = original(*bound.args, **bound.kwargs)
+        cache = arguments.get("past_key_values")
+        if isinstance(cache, SlotCache):
+            pending = [i for i, layer in enumerate(cache.layers) if layer.pending]
+            if pending:
+                raise UnsupportedModelError(
+                    f"layers {pending} of {type(model).__name__} updated the cache but never called kvframe's "
+                    "attention function; this model does not support kvframe"
+                )
+        return out
+
+    return forward

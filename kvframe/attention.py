@@ -1,0 +1,286 @@
+"""kvframe's attention function, registered with transformers' ``AttentionInterface``.
+
+It is active only while a model is attached (:func:`kvframe.attach`). For each layer it
+
+1. completes the slots the cache just appended: their positions (from the model's
+   ``position_ids``), and whether they are padding (from the 2-D attention mask);
+2. attends over the slots with SDPA: each slot's log-weight is added to its logit, padding and
+   ragged-head filler slots are masked, causality (and a sliding window) is decided by positions,
+   so chunked prefill over a compressed cache stays causal. GQA runs without repeating keys;
+3. runs the compressor when its trigger fires, with the pass's queries available to scorers.
+
+While no slot was ever dropped, padded or re-weighted, it calls transformers' own SDPA path, so an
+uncompressed run is bit-for-bit the vanilla computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvframe.cache import ACTIVE_UPDATE, SlotCache, SlotLayer
+from kvframe.errors import UnsupportedModelError
+from kvframe.policies.base import CompressionContext, TriggerEvent
+from kvframe.slots import INVALID_POSITION, SlotState
+
+ATTENTION_NAME = "kvframe"
+
+
+def kvframe_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """Mask function registered under ``"kvframe"``: hand the 2-D padding mask through unchanged.
+
+    Causality and windows are decided per slot from positions inside the attention function, so
+    no ``[q, kv]`` mask is ever materialised by the model.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise UnsupportedModelError(
+            f"kvframe expects a 2-D padding mask [batch, tokens]; got shape {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.bool()
+
+
+def _query_meta(
+    q_len: int, batch: int, seen_before: int, attention_mask: Tensor | None, position_ids: Tensor | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Positions ``[B, q]`` and validity ``[B, q]`` of the new tokens."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask.shape[-1] < q_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens but {q_len} new tokens were given"
+            )
+        valid = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
+        if valid.shape[0] != batch:
+            valid = valid.expand(batch, -1)
+    else:
+        valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    if position_ids is not None and position_ids.shape[-1] == q_len:
+        pos = position_ids.to(device).long()
+        if pos.dim() == 3:  # multimodal rotary layouts [3, B, q]: use the text axis
+            pos = pos[0]
+        pos = pos.expand(batch, -1)
+    elif attention_mask is not None and attention_mask.dim() == 2:
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:].to(device)
+    else:
+        pos = (seen_before + torch.arange(q_len, device=device)).expand(batch, -1)
+    return pos, valid
+
+
+def _attend(
+    query: Tensor, state: SlotState, qpos: Tensor, scaling: float | None, sliding_window: int | None, heads_uniform: bool
+) -> Tensor:
+    """SDPA over slots. ``query`` ``[B, Hq, q, D]``; returns ``[B, Hq, q, Dv]``."""
+    b, hq, q, d = query.shape
+    h = state.num_heads
+    g = hq // h
+    pos = state.positions[:, :1] if heads_uniform else state.positions  # [B, H', S]
+    valid = state.valid[:, :1] if heads_uniform else state.valid
+    qp = qpos[:, None, :, None]  # [B, 1, q, 1]
+    visible = valid[:, :, None, :] & (pos[:, :, None, :] <= qp)
+    if sliding_window is not None:
+        visible = visible & (qp - pos[:, :, None, :] < sliding_window)
+    # padding queries (and any row with nothing to see) attend to everything: finite, ignored output
+    visible = visible | ~visible.any(dim=-1, keepdim=True)
+    if heads_uniform and not bool(state.log_weights.any()):
+        mask: Tensor = visible  # bool [B, 1, q, S]
+    else:
+        lw = state.log_weights[:, :1] if heads_uniform else state.log_weights
+        bias = lw.to(query.dtype)[:, :, None, :].expand(-1, -1, q, -1)
+        mask = torch.where(visible, bias, torch.finfo(query.dtype).min)
+    hm = mask.shape[1]
+    if g > 1:
+        qg = query.reshape(b, h, g * q, d)
+        mask = mask[:, :, None].expand(b, hm, g, q, mask.shape[-1]).reshape(b, hm, g * q, mask.shape[-1])
+    else:
+        qg = query
+    out = F.scaled_dot_product_attention(qg, state.keys, state.values, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, q, state.values.shape[-1])
+
+
+def _finalize_new_slots(
+    cache: SlotCache, layer: SlotLayer, layer_idx: int, qpos: Tensor, qvalid: Tensor
+) -> tuple[SlotState, Tensor]:
+    """Write the new slots' positions and validity; in re-index mode move them into cache positions."""
+    state = layer.state
+    assert state is not None
+    q = layer.pending
+    b, h = state.batch_size, state.num_heads
+    new_pos = qpos[:, None, :].expand(b, h, q)
+    if layer.shift is not None:
+        new_pos = new_pos - layer.shift[:, :, None]
+        rot = cache.rope.rotate(state.keys[:, :, -q:], -layer.shift[:, :, None].expand(b, h, q), layer_idx)
+        state.keys[:, :, -q:] = rot
+    new_valid = qvalid[:, None, :].expand(b, h, q)
+    state.positions[:, :, -q:] = torch.where(new_valid, new_pos, INVALID_POSITION)
+    state.valid[:, :, -q:] = new_valid
+    if layer.plain:
+        expected = layer.seen - q + torch.arange(q, device=qpos.device)
+        if not bool(qvalid.all()) or not bool((qpos == expected).all()) or layer.shift is not None:
+            layer.plain = False
+    layer.pending = 0
+    return state, new_pos
+
+
+def _reindex(cache: SlotCache, layer_idx: int, state: SlotState, next_position: Tensor) -> tuple[SlotState, Tensor]:
+    """Renumber each head's content slots ``0..n-1`` (keys re-rotated); returns the state and shift."""
+    new_pos = torch.cumsum(state.valid.long(), dim=-1) - 1
+    new_pos = torch.where(state.valid, new_pos, INVALID_POSITION)
+    delta = torch.where(state.valid, new_pos - state.positions, 0)
+    keys = cache.rope.rotate(state.keys, delta, layer_idx)
+    n = state.valid.sum(-1)  # [B, H]
+    shift = next_position[:, None] - n
+    return state.replace(keys=keys, positions=new_pos), shift
+
+
+def kvframe_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The attention function registered under ``"kvframe"`` (see module docstring)."""
+    if softcap is not None:
+        raise UnsupportedModelError("kvframe attention does not support attention logit soft-capping (Gemma2-style)")
+    if kwargs.get("output_attentions"):
+        raise UnsupportedModelError("kvframe attention does not return attention weights (output_attentions=True)")
+    layer_idx = getattr(module, "layer_idx", None)
+    active = ACTIVE_UPDATE.get()
+    position_ids = kwargs.get("position_ids")
+    b, _, q, _ = query.shape
+
+    cache: SlotCache | None = None
+    if active is not None and layer_idx is not None:
+        c, idx = active
+        if idx == layer_idx and c.layers[idx].pending and c.layers[idx].state is not None and c.layers[idx].state.keys is key:
+            cache = c
+    if cache is None:
+        if key.shape[2] != q:
+            raise UnsupportedModelError(
+                "kvframe attention received keys from a cache it does not manage; inside kvframe.attach pass no "
+                "past_key_values (one is created) or a kvframe.SlotCache"
+            )
+        qpos, qvalid = _query_meta(q, b, 0, attention_mask, position_ids, query.device)
+        if bool(qvalid.all()) and (sliding_window is None or q <= sliding_window):
+            return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling)
+        state = SlotState.from_tensors(key, value, positions=qpos, valid=qvalid)
+        out = _attend(query, state, qpos, scaling, sliding_window, heads_uniform=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    layer = cache.layers[layer_idx]
+    qpos, qvalid = _query_meta(q, b, layer.seen - layer.pending, attention_mask, position_ids, query.device)
+    state, new_pos = _finalize_new_slots(cache, layer, layer_idx, qpos, qvalid)
+    window = layer.sliding_window if layer.is_sliding else sliding_window
+
+    if layer.shift is not None:  # re-index mode: queries move with their keys
+        g = query.shape[1] // state.num_heads
+        qshift = layer.shift.repeat_interleave(g, dim=1)[:, :, None].expand(-1, -1, q)
+        query = cache.rope.rotate(query, -qshift, layer_idx)
+        attn_qpos = new_pos
+    else:
+        attn_qpos = qpos
+
+    if layer.plain and (window is None or state.num_slots <= window):
+        out, _ = sdpa_attention_forward(module, query, state.keys, state.values, None, dropout=0.0, scaling=scaling)
+    else:
+        if attn_qpos.dim() == 3:  # per-head query positions (re-index mode)
+            out = _attend_per_head(query, state, attn_qpos, scaling, window)
+        else:
+            out = _attend(query, state, attn_qpos, scaling, window, heads_uniform=layer.heads_uniform)
+        out = out.transpose(1, 2).contiguous()
+
+    _after_attention(cache, layer, layer_idx, query, qpos, qvalid, scaling, window)
+    return out, None
+
+
+def _attend_per_head(query: Tensor, state: SlotState, qpos: Tensor, scaling: float | None, window: int | None) -> Tensor:
+    """Like :func:`_attend` with query positions that differ per KV head (``[B, H, q]``)."""
+    b, hq, q, d = query.shape
+    h = state.num_heads
+    g = hq // h
+    qp = qpos[:, :, :, None]  # [B, H, q, 1]
+    visible = state.valid[:, :, None, :] & (state.positions[:, :, None, :] <= qp)
+    if window is not None:
+        visible = visible & (qp - state.positions[:, :, None, :] < window)
+    visible = visible | ~visible.any(dim=-1, keepdim=True)
+    bias = state.log_weights.to(query.dtype)[:, :, None, :].expand(-1, -1, q, -1)
+    mask = torch.where(visible, bias, torch.finfo(query.dtype).min)
+    mask = mask[:, :, None].expand(b, h, g, q, mask.shape[-1]).reshape(b, h, g * q, mask.shape[-1])
+    out = F.scaled_dot_product_attention(query.reshape(b, h, g * q, d), state.keys, state.values, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, q, state.values.shape[-1])
+
+
+def _after_attention(
+    cache: SlotCache,
+    layer: SlotLayer,
+    layer_idx: int,
+    query: Tensor,
+    qpos: Tensor,
+    qvalid: Tensor,
+    scaling: float | None,
+    window: int | None,
+) -> None:
+    """Run the compressor if its trigger fires; trim sliding-window layers to their window."""
+    comp = cache.compressor
+    state = layer.state
+    assert state is not None
+    q = query.shape[2]
+    event = TriggerEvent(
+        slots_before=layer.slots_before,
+        new_tokens=q,
+        slots_after=state.num_slots,
+        decode_steps=layer.decode_steps,
+        compressions=layer.compressions,
+    )
+    if (not layer.is_sliding or comp.compress_sliding_layers) and comp.trigger.fires(event):
+        ctx = CompressionContext(
+            layer_idx=layer_idx,
+            num_layers=cache.num_layers,
+            queries=query if comp.needs_queries else None,
+            query_positions=qpos,
+            query_valid=qvalid,
+            scaling=scaling,
+            phase=event.phase,
+            rope=cache.rope,
+            sliding_window=window,
+        )
+        if layer.shift is not None:
+            ctx.query_positions = (qpos[:, None, :] - layer.shift[:, :, None])[:, 0]
+        new_state = comp.compress(state, ctx)
+        if new_state is not state:
+            if comp.positions == "reindex":
+                next_pos = qpos.max(dim=-1).values + 1  # original position of the next token, per row
+                new_state, layer.shift = _reindex(cache, layer_idx, new_state, next_pos)
+            layer.state = new_state
+            layer.plain = False
+            layer.heads_uniform = False
+        layer.compressions += 1
+        state = layer.state
+    if layer.is_sliding and window is not None and state.num_slots > window:
+        last = torch.where(state.valid, state.positions, INVALID_POSITION).max(dim=-1, keepdim=True).values
+        keep = state.valid & (state.positions > last - window + 1)
+        if bool((keep.sum(-1) < state.num_slots).any()):
+            from kvframe.policies.select_topk import keep_mask_to_selection
+
+            sel = keep_mask_to_selection(keep)
+            layer.state = state.gather(sel.keep, sel.keep_valid)
+            layer.plain = False

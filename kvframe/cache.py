@@ -1,0 +1,237 @@
+"""The cache of slots, as a real ``transformers`` :class:`~transformers.Cache`.
+
+:class:`SlotCache` holds one :class:`SlotLayer` per decoder layer. ``update`` appends the new
+tokens' keys and values as slots (like ``DynamicCache``); kvframe's attention function then fills in
+their positions and padding flags, attends with the slots' log-weights, and, when the compressor's
+trigger fires, replaces the layer's slots by the compressed ones. The stored tensors really shrink.
+
+``get_seq_length()`` returns the number of tokens the cache has *seen* (padding included), not the
+number of slots it holds, so ``generate`` and the model place new tokens at their original
+positions. :meth:`SlotCache.memory` reports what is actually held.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvframe.errors import UnsupportedModelError
+from kvframe.slots import INVALID_POSITION, SlotState
+
+if TYPE_CHECKING:
+    from kvframe.compressor import Compressor
+    from kvframe.rope import Rotary
+
+#: (cache, layer index) of the most recent ``update``; read by kvframe's attention function.
+ACTIVE_UPDATE: contextvars.ContextVar[tuple[SlotCache, int] | None] = contextvars.ContextVar(
+    "kvframe_active_update", default=None
+)
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class SlotLayer(CacheLayerMixin):
+    """One decoder layer's slots (see :class:`kvframe.slots.SlotState`)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, sliding_window: int | None = None):
+        super().__init__()
+        self.state: SlotState | None = None
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.seen = 0  # tokens appended so far (padding included)
+        self.pending = 0  # tokens appended by the last update and not yet attended
+        self.slots_before = 0
+        self.decode_steps = 0
+        self.compressions = 0
+        self.plain = True  # no padding, no compression, positions 0..seen-1: vanilla fast path
+        self.heads_uniform = True  # every KV head holds the same positions and log-weights
+        self.shift: Tensor | None = None  # [B, H] re-index offset (positions="reindex")
+
+    # -- transformers Cache layer API ------------------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    @property
+    def keys(self) -> Tensor | None:  # type: ignore[override]
+        return None if self.state is None else self.state.keys
+
+    @keys.setter
+    def keys(self, value: Any) -> None:  # set to None by the base __init__
+        if value is not None:
+            raise AttributeError("SlotLayer keys are set through its slot state")
+
+    @property
+    def values(self) -> Tensor | None:  # type: ignore[override]
+        return None if self.state is None else self.state.values
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        if value is not None:
+            raise AttributeError("SlotLayer values are set through its slot state")
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.pending:
+            raise UnsupportedModelError(
+                "the previous tokens given to this cache layer never reached kvframe's attention function: the "
+                "model does not route attention through transformers' AttentionInterface, so kvframe cannot "
+                "compress it"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        dev = key_states.device
+        positions = (self.seen + torch.arange(q, device=dev)).expand(b, h, q)
+        new = SlotState(
+            keys=key_states,
+            values=value_states,
+            positions=positions.clone(),
+            log_weights=torch.zeros(b, h, q, dtype=torch.float32, device=dev),
+            valid=torch.ones(b, h, q, dtype=torch.bool, device=dev),
+            stats={},
+        )
+        if self.state is None:
+            self.slots_before = 0
+            self.state = new
+        else:
+            self.slots_before = self.state.num_slots
+            if new.stats.keys() != self.state.stats.keys():
+                new.stats = {k: torch.zeros_like(new.log_weights) for k in self.state.stats}
+            self.state = self.state.cat(new)
+        self.seen += q
+        self.pending = q
+        if q == 1:
+            self.decode_steps += 1
+        return self.state.keys, self.state.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.sliding_window)  # type: ignore[misc]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = self.state.index_batch(beam_idx.to(self.state.keys.device))
+            if self.shift is not None:
+                self.shift = self.shift[beam_idx.to(self.shift.device)]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            idx = torch.arange(self.state.batch_size, device=self.state.keys.device).repeat_interleave(repeats)
+            self.reorder_cache(idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.state is not None:
+            self.reorder_cache(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "kvframe's SlotCache cannot be cropped (assisted/speculative decoding): dropped tokens cannot be restored"
+        )
+
+    # -- kvframe ----------------------------------------------------------------------------
+    def content_slots(self) -> Tensor | None:
+        return None if self.state is None else self.state.content_slots()
+
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes()
+
+
+@dataclass
+class CacheMemory:
+    """What a :class:`SlotCache` holds, summed over layers."""
+
+    bytes: int
+    kv_bytes: int
+    slots: int  # allocated slots (content + padding), summed over layers, rows and heads
+    content_slots: int
+    seen_tokens: int
+    per_layer_slots: list[int]  # allocated slots per head in each layer
+
+    @property
+    def padding_slots(self) -> int:
+        return self.slots - self.content_slots
+
+
+class SlotCache(Cache):
+    """A ``transformers`` cache of slots driven by a :class:`~kvframe.compressor.Compressor`.
+
+    Created for you by :func:`kvframe.attach` when ``generate`` or the model's forward gets no cache;
+    pass one explicitly with ``past_key_values=kvframe.SlotCache.for_model(model, compressor)``.
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        num_layers: int,
+        sliding_windows: list[int | None] | None = None,
+        rope: Rotary | None = None,
+    ):
+        windows = sliding_windows or [None] * num_layers
+        super().__init__(layers=[SlotLayer(w) for w in windows])
+        self.compressor = compressor
+        self.rope = rope
+        self.num_layers = num_layers
+
+    @classmethod
+    def for_model(cls, model: Any, compressor: Compressor) -> SlotCache:
+        from kvframe.rope import Rotary
+
+        config = model.config.get_text_config(decoder=True)
+        n = config.num_hidden_layers
+        types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+        bad = sorted({t for t in types if t not in SUPPORTED_LAYER_TYPES})
+        if bad:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has layer types {bad} that kvframe cannot cache; supported: {', '.join(SUPPORTED_LAYER_TYPES)}"
+            )
+        windows = [config.sliding_window if t == "sliding_attention" else None for t in types]
+        rope = Rotary.from_model(model) if compressor.needs_rope else None
+        return cls(compressor, n, windows, rope)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        out = self.layers[layer_idx].update(key_states, value_states)
+        ACTIVE_UPDATE.set((self, layer_idx))
+        return out
+
+    # -- reporting --------------------------------------------------------------------------
+    def memory(self) -> CacheMemory:
+        """Bytes and slots actually held (keys, values, positions, log-weights, validity, stats)."""
+        total = kv = slots = content = 0
+        per_layer = []
+        for layer in self.layers:
+            st = layer.state
+            if st is None:
+                per_layer.append(0)
+                continue
+            total += st.nbytes()
+            kv += st.keys.numel() * st.keys.element_size() + st.values.numel() * st.values.element_size()
+            slots += st.valid.numel()
+            content += int(st.valid.sum())
+            per_layer.append(st.num_slots)
+        seen = self.layers[0].seen if self.layers else 0
+        return CacheMemory(total, kv, slots, content, seen, per_layer)
+
+    def slot_states(self) -> list[SlotState | None]:
+        return [layer.state for layer in self.layers]
+
+
+def invalidate(state: SlotState, mask: Tensor) -> SlotState:
+    """Mark slots where ``mask`` is true as padding."""
+    valid = state.valid & ~mask
+    return state.replace(valid=valid, positions=torch.where(valid, state.positions, INVALID_POSITION))

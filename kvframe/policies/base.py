@@ -1,0 +1,223 @@
+"""The five policy kinds a compressor is composed of, and what they exchange.
+
+- :class:`Scorer`: slot importance ``[B, H, T]`` (higher is kept first).
+- :class:`Selector`: from scores and per-head budgets, which slots to keep, and for each dropped
+  slot where it goes (dropped, or folded into a kept slot).
+- :class:`KeyMerge`: the key of every kept slot, given what was folded into it.
+- :class:`ValueMerge`: the value and log-weight of every kept slot.
+- :class:`BudgetSchedule`: how many slots each layer and head keeps, and (through its trigger)
+  when compression runs.
+
+Every policy is a small dataclass whose fields are its hyperparameters; ``__post_init__``
+validates them and raises :class:`~kvframe.errors.ConfigError` naming the bad value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from kvframe.errors import ConfigError
+from kvframe.slots import SlotState
+
+
+class Policy:
+    """Base of all policies. ``kind`` and ``name`` are set by :func:`kvframe.registry.register`."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    #: True if the policy reads the queries of the pass that triggered compression.
+    needs_queries: ClassVar[bool] = False
+    #: True if the policy needs the model's rotary embedding (key re-rotation).
+    needs_rope: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Hyperparameters as a plain dict, with the registered ``name`` first."""
+        out: dict[str, Any] = {"name": self.name}
+        for f in fields(self):  # type: ignore[arg-type]
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    # validation helpers -----------------------------------------------------------------
+    def _check(self, ok: bool, field_name: str, accepted: str) -> None:
+        if not ok:
+            raise ConfigError(
+                f"{self.kind} {self.name!r}: invalid {field_name}={getattr(self, field_name)!r}; accepted: {accepted}"
+            )
+
+
+@dataclass
+class CompressionContext:
+    """What a policy may know about the pass that triggered compression.
+
+    Attributes
+    ----------
+    layer_idx, num_layers:
+        Which layer is being compressed, out of how many.
+    queries:
+        ``[B, H_q, Q, D]`` queries of the current pass (rotated like the keys), or ``None`` when
+        compressing plain tensors without queries.
+    query_positions:
+        ``[B, Q]`` positions of those queries.
+    query_valid:
+        ``[B, Q]`` false for padding queries.
+    scaling:
+        The attention logit scale (``1/sqrt(D)`` unless the model says otherwise).
+    phase:
+        ``"prefill"``, ``"chunk"`` or ``"decode"``.
+    rope:
+        The re-rotation service (:class:`kvframe.rope.Rotary`) when the model has RoPE.
+    generator:
+        Seeded generator for stochastic policies.
+    """
+
+    layer_idx: int = 0
+    num_layers: int = 1
+    queries: Tensor | None = None
+    query_positions: Tensor | None = None
+    query_valid: Tensor | None = None
+    scaling: float | None = None
+    phase: str = "prefill"
+    rope: Any = None
+    generator: torch.Generator | None = None
+    sliding_window: int | None = None
+    _rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    def require_queries(self, who: str) -> Tensor:
+        if self.queries is None:
+            raise ConfigError(
+                f"{who} scores slots from attention and needs queries; pass queries=... to kvframe.compress "
+                "or use it inside kvframe.attach"
+            )
+        return self.queries
+
+    def attention_rows(self, state: SlotState, window: int, who: str = "scorer") -> Tensor:
+        """Attention probabilities of the last ``window`` queries over the slots.
+
+        Returns ``[B, H_kv, G, w, T]`` in float32 (``G`` query heads per KV head), with the slots'
+        log-weights added, invalid slots and keys after each query's position masked out. Only these
+        ``w`` rows are computed, never the full ``Q x T`` matrix. Padding queries get all-zero rows.
+        """
+        q = self.require_queries(who)
+        w = min(window, q.shape[2])
+        if w in self._rows:
+            return self._rows[w]
+        b, hq, _, d = q.shape
+        h = state.num_heads
+        if hq % h:
+            raise ConfigError(f"query heads ({hq}) is not a multiple of KV heads ({h})")
+        g = hq // h
+        qw = q[:, :, -w:, :].float().reshape(b, h, g, w, d)
+        scale = self.scaling if self.scaling is not None else 1.0 / math.sqrt(d)
+        logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, state.keys.float()) * scale
+        visible = state.valid[:, :, None, None, :]
+        if self.query_positions is not None:
+            qpos = self.query_positions[:, -w:].to(state.positions.device)
+            visible = visible & (state.positions[:, :, None, None, :] <= qpos[:, None, None, :, None])
+            if self.sliding_window is not None:
+                visible = visible & (qpos[:, None, None, :, None] - state.positions[:, :, None, None, :] < self.sliding_window)
+        logits = logits + state.log_weights[:, :, None, None, :]
+        logits = logits.masked_fill(~visible, float("-inf"))
+        rows = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        if self.query_valid is not None:
+            qv = self.query_valid[:, -w:].to(rows.device)
+            rows = rows * qv[:, None, None, :, None]
+        self._rows[w] = rows
+        return rows
+
+
+@dataclass
+class Selection:
+    """Which slots survive a compression.
+
+    Attributes
+    ----------
+    keep:
+        ``[B, H, S]`` indices (into the ``T`` input slots) of the kept slots, ascending.
+    keep_valid:
+        ``[B, H, S]`` false for padding entries (heads that keep fewer than ``S`` slots).
+    assign:
+        ``[B, H, T]`` for each input slot, the index in ``[0, S)`` of the kept slot it is folded
+        into, or ``-1`` if it is dropped; kept slots map to themselves. ``None`` means pure
+        eviction (nothing is folded).
+    weight:
+        ``[B, H, T]`` optional merge weights chosen by the selector (e.g. convex weights).
+    """
+
+    keep: Tensor
+    keep_valid: Tensor
+    assign: Tensor | None = None
+    weight: Tensor | None = None
+
+
+class Scorer(Policy):
+    kind: ClassVar[str] = "scorer"
+
+    def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Selector(Policy):
+    kind: ClassVar[str] = "selector"
+
+    def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:  # pragma: no cover
+        raise NotImplementedError
+
+
+class KeyMerge(Policy):
+    kind: ClassVar[str] = "key_merge"
+
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ValueMerge(Policy):
+    kind: ClassVar[str] = "value_merge"
+
+    def merge(
+        self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext
+    ) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class BudgetSchedule(Policy):
+    kind: ClassVar[str] = "schedule"
+
+    def budgets(self, budget: float | int, content: Tensor, ctx: CompressionContext) -> Tensor:  # pragma: no cover
+        """``[B, H]`` slots to keep per row and head, given ``content`` ``[B, H]`` content slots."""
+        raise NotImplementedError
+
+
+class Trigger(Policy):
+    """When a compressor runs. Decides from the event of one layer's attention pass."""
+
+    kind: ClassVar[str] = "trigger"
+
+    def fires(self, event: TriggerEvent) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TriggerEvent:
+    """One layer's attention pass, as seen by a trigger.
+
+    ``slots_before``: content slots the layer held before this pass (max over rows);
+    ``new_tokens``: tokens appended by this pass; ``decode_steps``: single-token passes so far
+    (this one included); ``compressions``: times this layer was compressed before.
+    """
+
+    slots_before: int
+    new_tokens: int
+    slots_after: int
+    decode_steps: int
+    compressions: int
+
+    @property
+    def phase(self) -> str:
+        if self.new_tokens > 1:
+            return "prefill" if self.slots_before == 0 else "chunk"
+        return "decode"

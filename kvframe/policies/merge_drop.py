@@ -1,0 +1,27 @@
+"""Drop merges: dropped slots vanish; kept slots keep their key, value and log-weight (eviction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from kvframe.policies.base import CompressionContext, KeyMerge, Selection, ValueMerge
+from kvframe.registry import register
+from kvframe.slots import SlotState
+
+
+@register("key_merge", "drop")
+@dataclass
+class DropKeys(KeyMerge):
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor:
+        return kept.keys
+
+
+@register("value_merge", "drop")
+@dataclass
+class DropValues(ValueMerge):
+    def merge(
+        self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext
+    ) -> tuple[Tensor, Tensor]:
+        return kept.values, kept.log_weights

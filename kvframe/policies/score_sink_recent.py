@@ -1,0 +1,32 @@
+"""StreamingLLM scorer: attention sinks plus the most recent tokens.
+
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (arXiv 2309.17453). The
+first ``n_sink`` content tokens of each row score ``+inf``; every other slot scores its position,
+so a top-k selection with budget ``B`` keeps the sinks and the ``B - n_sink`` most recent tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.registry import register
+from kvframe.slots import SlotState
+
+
+@register("scorer", "sink_recent")
+@dataclass
+class SinkRecentScorer(Scorer):
+    n_sink: int = 4
+
+    def __post_init__(self) -> None:
+        self._check(isinstance(self.n_sink, int) and self.n_sink >= 0, "n_sink", "an integer >= 0")
+
+    def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
+        score = state.positions.float()
+        rank = torch.cumsum(state.valid.long(), dim=-1)  # slots are stored in position order
+        sink = state.valid & (rank <= self.n_sink)
+        return score.masked_fill(sink, float("inf"))

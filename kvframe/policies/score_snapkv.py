@@ -1,0 +1,62 @@
+"""SnapKV scorer: attention from an observation window of the last prompt tokens.
+
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (arXiv 2404.14469).
+``score_j = mean_{q in window} A_{q,j}``, averaged over the GQA group, then smoothed with a 1-D
+pooling of width ``kernel`` along positions (``avg`` as in kvpress, ``max`` as in the original
+code). The window's own tokens score ``+inf`` so they are always kept (they count in the budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.registry import register
+from kvframe.slots import SlotState
+
+
+@register("scorer", "snapkv")
+@dataclass
+class SnapKVScorer(Scorer):
+    window: int = 64
+    kernel: int = 5
+    pool: str = "avg"
+
+    needs_queries = True
+
+    def __post_init__(self) -> None:
+        self._check(isinstance(self.window, int) and self.window >= 1, "window", "an integer >= 1")
+        self._check(isinstance(self.kernel, int) and self.kernel >= 1 and self.kernel % 2 == 1, "kernel", "an odd integer >= 1")
+        self._check(self.pool in ("avg", "max"), "pool", "'avg' or 'max'")
+
+    def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
+        rows = ctx.attention_rows(state, self.window, who="snapkv")  # [B, H, G, w, T]
+        w = rows.shape[3]
+        n_valid_q = ctx.query_valid[:, -w:].sum(-1).clamp(min=1) if ctx.query_valid is not None else w
+        if isinstance(n_valid_q, Tensor):
+            n_valid_q = n_valid_q.to(rows.device).float()[:, None, None]
+        score = rows.sum(dim=3).mean(dim=2) / n_valid_q  # [B, H, T]
+        if self.kernel > 1:
+            b, h, t = score.shape
+            flat = score.reshape(b * h, 1, t)
+            pad = self.kernel // 2
+            if self.pool == "avg":
+                flat = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad, count_include_pad=False)
+            else:
+                flat = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
+            score = flat.reshape(b, h, t)
+        if ctx.query_positions is not None:
+            first = ctx.query_positions[:, -w:]
+            if ctx.query_valid is not None:
+                big = torch.iinfo(first.dtype).max
+                first = torch.where(ctx.query_valid[:, -w:].to(first.device), first, big)
+            first = first.min(dim=-1).values.to(state.positions.device)  # [B]
+            in_window = state.valid & (state.positions >= first[:, None, None])
+        else:
+            in_window = torch.zeros_like(state.valid)
+            in_window[..., -w:] = True
+        return score.masked_fill(in_window, float("inf"))

@@ -1,0 +1,45 @@
+"""Top-k selection: each row and head keeps its ``budget`` highest-scoring slots, in position order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvframe.policies.base import CompressionContext, Selection, Selector
+from kvframe.registry import register
+from kvframe.slots import SlotState
+
+
+def keep_mask_to_selection(chosen: Tensor) -> Selection:
+    """Turn a ``[B, H, T]`` bool mask of kept slots into a :class:`Selection` (ascending indices)."""
+    t = chosen.shape[-1]
+    s = max(int(chosen.sum(-1).max()), 1) if chosen.numel() else 1
+    idx = torch.arange(t, device=chosen.device).expand_as(chosen)
+    key = torch.where(chosen, idx, idx + t)
+    order = key.sort(dim=-1).values[..., :s]
+    keep_valid = order < t
+    return Selection(keep=torch.where(keep_valid, order, 0), keep_valid=keep_valid)
+
+
+def topk_mask(scores: Tensor, budgets: Tensor, valid: Tensor) -> Tensor:
+    """``[B, H, T]`` mask of each head's ``budgets[b, h]`` best valid slots."""
+    t = scores.shape[-1]
+    k = min(int(budgets.max()), t) if budgets.numel() else 0
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    chosen = torch.zeros_like(valid)
+    if k == 0:
+        return chosen
+    top = s.topk(k, dim=-1).indices
+    rank = torch.arange(k, device=scores.device)
+    ok = rank < budgets[..., None]
+    chosen.scatter_(-1, top, ok)
+    return chosen & valid
+
+
+@register("selector", "topk")
+@dataclass
+class TopKSelector(Selector):
+    def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
+        return keep_mask_to_selection(topk_mask(scores, budgets, state.valid))

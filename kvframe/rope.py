@@ -1,0 +1,94 @@
+"""Key re-rotation: a framework service for policies that move or merge rotated keys.
+
+Hugging Face models cache keys *after* RoPE. RoPE at position ``p`` is a rotation ``R(p)`` (up to
+a constant scale some RoPE variants apply to cos and sin), and ``R(a) R(b) = R(a + b)``, so a key
+cached at position ``p`` is moved to ``p'`` by rotating it by ``p' - p``; ``unrotate(k, p)`` gives
+the pre-RoPE key (times that constant), and ``rerotate`` composes both. The frequencies come from
+the model's own rotary embedding module (per layer type where a model has several, e.g. Gemma3's
+local and global layers). Supported convention: the ``rotate_half`` layout used by Llama, Qwen2,
+Mistral, Gemma and most Hugging Face decoders, including partial rotary dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kvframe.errors import UnsupportedModelError
+
+#: model types whose attention applies RoPE with the ``rotate_half`` convention.
+ROTATE_HALF_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "olmo2", "granite", "smollm3"}
+)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary:
+    """Rotate cached keys (or queries) by position deltas, using a model's RoPE frequencies.
+
+    Parameters
+    ----------
+    inv_freq:
+        One inverse-frequency vector for every layer (``[D_rot / 2]``; ``D_rot <= head_dim``).
+    """
+
+    def __init__(self, inv_freq: list[Tensor]):
+        self.inv_freq = [f.detach().float() for f in inv_freq]
+
+    @classmethod
+    def from_frequencies(cls, inv_freq: Tensor, num_layers: int = 1) -> Rotary:
+        return cls([inv_freq] * num_layers)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Rotary:
+        """Build the service from a model's rotary embedding; fails loudly if it has none."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        model_type = getattr(config, "model_type", "?")
+        if model_type not in ROTATE_HALF_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"key re-rotation is not supported for model type {model_type!r}; supported: "
+                f"{', '.join(sorted(ROTATE_HALF_MODEL_TYPES))}"
+            )
+        rotary = None
+        for mod in model.modules():
+            if type(mod).__name__.endswith("RotaryEmbedding"):
+                rotary = mod
+                break
+        if rotary is None:
+            raise UnsupportedModelError(f"model type {model_type!r} has no rotary embedding module; cannot re-rotate keys")
+        n = config.num_hidden_layers
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n
+        freqs = []
+        for lt in layer_types:
+            f = getattr(rotary, f"{lt}_inv_freq", None)
+            if f is None:
+                f = getattr(rotary, "inv_freq", None)
+            if f is None:
+                raise UnsupportedModelError(f"cannot find RoPE frequencies for layer type {lt!r} in {type(rotary).__name__}")
+            freqs.append(f)
+        return cls(freqs)
+
+    def rotate(self, x: Tensor, delta: Tensor, layer_idx: int = 0) -> Tensor:
+        """Rotate ``x`` ``[..., T, D]`` by ``delta`` positions (broadcastable to ``[..., T]``)."""
+        inv = self.inv_freq[layer_idx].to(x.device)
+        rot = inv.numel() * 2
+        angle = delta.to(x.device).double()[..., None] * inv.double()
+        emb = torch.cat((angle, angle), dim=-1)
+        cos, sin = emb.cos().float(), emb.sin().float()
+        xr = x[..., :rot].float()
+        out = xr * cos + _rotate_half(xr) * sin
+        if rot < x.shape[-1]:
+            out = torch.cat((out, x[..., rot:].float()), dim=-1)
+        return out.to(x.dtype)
+
+    def unrotate(self, x: Tensor, positions: Tensor, layer_idx: int = 0) -> Tensor:
+        """Undo RoPE at ``positions``: the pre-RoPE key (times the model's RoPE scale, if any)."""
+        return self.rotate(x, -positions, layer_idx)
+
+    def rerotate(self, x: Tensor, from_positions: Tensor, to_positions: Tensor, layer_idx: int = 0) -> Tensor:
+        """Move keys rotated at ``from_positions`` to ``to_positions``."""
+        return self.rotate(x, to_positions - from_positions, layer_idx)

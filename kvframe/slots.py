@@ -1,0 +1,151 @@
+"""The slot state of one cache layer, as plain tensors.
+
+A compressed cache is a cache of *slots*. Per batch row and KV head a slot holds a key, a value,
+the original position of its token (or of the last token merged into it), a log-weight (``0`` for
+a plain token, ``ln l`` for a slot standing for ``l`` merged tokens) and optional per-slot
+statistics. Slots that hold no content (left padding, or the unused tail of a head that keeps fewer
+slots than its neighbours) are marked invalid and are never attended to or counted in a budget.
+
+:class:`SlotState` is the unit every policy works on; it carries no model and no cache object, so a
+compressor is a pure function of tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+#: Position stored for slots that hold no content.
+INVALID_POSITION = -1
+
+
+@dataclass
+class SlotState:
+    """Slots of one layer.
+
+    Attributes
+    ----------
+    keys, values:
+        ``[B, H, T, D]`` as stored by the cache: keys are rotated (RoPE) at ``positions``.
+    positions:
+        ``[B, H, T]`` int64 position of each slot; :data:`INVALID_POSITION` where ``valid`` is false.
+    log_weights:
+        ``[B, H, T]`` float32 additive attention-logit bias of each slot (``ln`` of its count).
+    valid:
+        ``[B, H, T]`` bool, true for slots that hold content.
+    stats:
+        Per-slot statistics a method keeps, each ``[B, H, T]`` (float); they follow the slots
+        through every compression.
+    """
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    log_weights: Tensor
+    valid: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        keys: Tensor,
+        values: Tensor,
+        positions: Tensor | None = None,
+        log_weights: Tensor | None = None,
+        valid: Tensor | None = None,
+    ) -> SlotState:
+        """Wrap plain ``[B, H, T, D]`` keys and values as slots (positions ``0..T-1`` by default)."""
+        if keys.dim() != 4 or values.dim() != 4:
+            raise ValueError(
+                f"keys and values must be 4-D [batch, kv_heads, tokens, head_dim]; got shapes "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        if keys.shape[:3] != values.shape[:3]:
+            raise ValueError(
+                f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree in batch, heads or tokens"
+            )
+        b, h, t, _ = keys.shape
+        dev = keys.device
+        if positions is None:
+            positions = torch.arange(t, device=dev).expand(b, h, t).clone()
+        elif positions.dim() == 1:
+            positions = positions.to(dev).expand(b, h, t).clone()
+        elif positions.dim() == 2:
+            positions = positions.to(dev)[:, None, :].expand(b, h, t).clone()
+        if valid is None:
+            valid = torch.ones(b, h, t, dtype=torch.bool, device=dev)
+        elif valid.dim() == 2:
+            valid = valid.to(dev)[:, None, :].expand(b, h, t).clone()
+        if log_weights is None:
+            log_weights = torch.zeros(b, h, t, dtype=torch.float32, device=dev)
+        positions = torch.where(valid, positions.long(), INVALID_POSITION)
+        return cls(keys, values, positions, log_weights.float(), valid.bool())
+
+    # ------------------------------------------------------------------ shape helpers
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        """Allocated slots per head (content and padding)."""
+        return self.keys.shape[2]
+
+    def content_slots(self) -> Tensor:
+        """``[B, H]`` number of slots that hold content."""
+        return self.valid.sum(-1)
+
+    def nbytes(self) -> int:
+        """Bytes actually held by this state's tensors (keys, values, positions, weights, stats)."""
+        tensors = [self.keys, self.values, self.positions, self.log_weights, self.valid, *self.stats.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def gather(self, index: Tensor, index_valid: Tensor) -> SlotState:
+        """Slots at ``index`` ``[B, H, S]``; entries with ``index_valid`` false become invalid padding."""
+        idx = index.clamp(min=0)
+        idx4 = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        valid = index_valid & self.valid.gather(2, idx)
+        return SlotState(
+            keys=self.keys.gather(2, idx4),
+            values=self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1])),
+            positions=torch.where(valid, self.positions.gather(2, idx), INVALID_POSITION),
+            log_weights=torch.where(valid, self.log_weights.gather(2, idx), 0.0),
+            valid=valid,
+            stats={k: v.gather(2, idx) for k, v in self.stats.items()},
+        )
+
+    def cat(self, other: SlotState) -> SlotState:
+        """Append ``other``'s slots after this state's (same batch, heads and head size)."""
+        stats = {}
+        for k in set(self.stats) | set(other.stats):
+            a = self.stats.get(k, torch.zeros_like(self.log_weights))
+            b = other.stats.get(k, torch.zeros_like(other.log_weights))
+            stats[k] = torch.cat([a, b], dim=2)
+        return SlotState(
+            keys=torch.cat([self.keys, other.keys], dim=2),
+            values=torch.cat([self.values, other.values], dim=2),
+            positions=torch.cat([self.positions, other.positions], dim=2),
+            log_weights=torch.cat([self.log_weights, other.log_weights], dim=2),
+            valid=torch.cat([self.valid, other.valid], dim=2),
+            stats=stats,
+        )
+
+    def index_batch(self, index: Tensor) -> SlotState:
+        """Rows ``index`` of the batch (beam reordering, batch selection)."""
+        return SlotState(
+            keys=self.keys[index],
+            values=self.values[index],
+            positions=self.positions[index],
+            log_weights=self.log_weights[index],
+            valid=self.valid[index],
+            stats={k: v[index] for k, v in self.stats.items()},
+        )
+
+    def replace(self, **changes) -> SlotState:
+        return replace(self, **changes)
