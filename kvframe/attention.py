@@ -15,6 +15,7 @@ uncompressed run is bit-for-bit the vanilla computation.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -199,7 +200,7 @@ def kvframe_attention(
     else:
         attn_qpos = qpos
 
-    if layer.plain and (window is None or state.num_slots <= window):
+    if layer.plain and q in (1, state.num_slots) and (window is None or state.num_slots <= window):
         out, _ = sdpa_attention_forward(module, query, state.keys, state.values, None, dropout=0.0, scaling=scaling)
     else:
         if attn_qpos.dim() == 3:  # per-head query positions (re-index mode)
@@ -265,7 +266,9 @@ def _after_attention(
         )
         if layer.shift is not None:
             ctx.query_positions = (qpos[:, None, :] - layer.shift[:, :, None])[:, 0]
+        t0 = time.perf_counter()
         new_state = comp.compress(state, ctx)
+        cache.compression_seconds += time.perf_counter() - t0
         if new_state is not state:
             if comp.positions == "reindex":
                 next_pos = qpos.max(dim=-1).values + 1  # original position of the next token, per row

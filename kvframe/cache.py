@@ -187,6 +187,7 @@ class SlotCache(Cache):
         self.compressor = compressor
         self.rope = rope
         self.num_layers = num_layers
+        self.compression_seconds = 0.0  # wall time spent inside compressor.compress
 
     @classmethod
     def for_model(cls, model: Any, compressor: Compressor) -> SlotCache:

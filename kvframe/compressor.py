@@ -74,6 +74,11 @@ class Compressor:
         return [p for p in (self.scorer, self.selector, self.key_merge, self.value_merge, self.schedule, self.trigger) if p is not None]
 
     @property
+    def compresses(self) -> bool:
+        """False when the trigger never fires (the budget is then irrelevant)."""
+        return self.trigger.ever_fires
+
+    @property
     def needs_queries(self) -> bool:
         return any(p.needs_queries for p in self.policies)
 

@@ -78,11 +78,12 @@ class Rotary:
         rot = inv.numel() * 2
         angle = delta.to(x.device).double()[..., None] * inv.double()
         emb = torch.cat((angle, angle), dim=-1)
-        cos, sin = emb.cos().float(), emb.sin().float()
-        xr = x[..., :rot].float()
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = emb.cos().to(work), emb.sin().to(work)
+        xr = x[..., :rot].to(work)
         out = xr * cos + _rotate_half(xr) * sin
         if rot < x.shape[-1]:
-            out = torch.cat((out, x[..., rot:].float()), dim=-1)
+            out = torch.cat((out, x[..., rot:].to(work)), dim=-1)
         return out.to(x.dtype)
 
     def unrotate(self, x: Tensor, positions: Tensor, layer_idx: int = 0) -> Tensor:

@@ -196,6 +196,8 @@ class Trigger(Policy):
     """When a compressor runs. Decides from the event of one layer's attention pass."""
 
     kind: ClassVar[str] = "trigger"
+    #: False for triggers that can never fire (no compression): budgets are then irrelevant.
+    ever_fires: ClassVar[bool] = True
 
     def fires(self, event: TriggerEvent) -> bool:  # pragma: no cover
         raise NotImplementedError

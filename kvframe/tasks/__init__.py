@@ -1,0 +1,1 @@
+"""Synthetic evaluation tasks (e.g. passkey retrieval) for KV-cache compression."""

@@ -1,0 +1,104 @@
+"""kvframe.compress on plain tensors."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvframe
+
+
+def test_knorm_keeps_lowest_norm_half_in_position_order():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 3, 50, 16, generator=g)
+    values = torch.randn(2, 3, 50, 16, generator=g)
+    res = kvframe.compress(kvframe.build("knorm", budget=0.5), keys, values)
+    norms = keys.norm(dim=-1)
+    for b in range(2):
+        for h in range(3):
+            expected = norms[b, h].argsort()[:25].sort().values
+            k, v, pos, lw = res.head(b, h)
+            assert torch.equal(pos, expected)
+            assert torch.equal(k, keys[b, h, expected])
+            assert torch.equal(v, values[b, h, expected])
+            assert torch.equal(lw, torch.zeros(25))
+
+
+def test_streaming_keeps_sinks_and_recent():
+    keys = torch.randn(1, 2, 40, 8)
+    res = kvframe.compress(kvframe.build("streaming_llm", budget=12), keys, keys.clone())
+    assert res.positions[0, 0].tolist() == [0, 1, 2, 3] + list(range(32, 40))
+
+
+def test_snapkv_keeps_window_and_needs_queries():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 2, 64, 8, generator=g)
+    q = torch.randn(1, 4, 64, 8, generator=g)
+    comp = kvframe.build("snapkv", budget=16, scorer={"window": 8})
+    res = kvframe.compress(comp, keys, keys.clone(), queries=q)
+    for h in range(2):
+        pos = res.positions[0, h].tolist()
+        assert len(pos) == 16 and set(range(56, 64)) <= set(pos)
+    import pytest
+
+    with pytest.raises(kvframe.ConfigError, match="needs queries"):
+        kvframe.compress(comp, keys, keys.clone())
+
+
+def test_tova_shares_selection_across_heads():
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(1, 3, 30, 8, generator=g)
+    q = torch.randn(1, 6, 1, 8, generator=g)
+    res = kvframe.compress(kvframe.build("tova", budget=10), keys, keys.clone(), queries=q)
+    assert torch.equal(res.positions[0, 0], res.positions[0, 1])
+    assert torch.equal(res.positions[0, 0], res.positions[0, 2])
+
+
+def test_random_is_seeded():
+    keys = torch.randn(1, 2, 30, 8)
+    a = kvframe.compress(kvframe.build("random", budget=10), keys, keys)
+    b = kvframe.compress(kvframe.build("random", budget=10), keys, keys)
+    c = kvframe.compress(kvframe.build("random", budget=10, scorer={"seed": 1}), keys, keys)
+    assert torch.equal(a.positions, b.positions) and not torch.equal(a.positions, c.positions)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(2, 40),
+    h=st.integers(1, 4),
+    ratio=st.floats(0.05, 1.0),
+    method=st.sampled_from(["knorm", "streaming_llm", "random", "snapkv", "h2o", "tova", "adakv"]),
+    seed=st.integers(0, 1000),
+)
+def test_property_budget_order_and_membership(t, h, ratio, method, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, h, t, 8, generator=g)
+    values = torch.randn(2, h, t, 8, generator=g)
+    q = torch.randn(2, 2 * h, min(t, 4), 8, generator=g)
+    comp = kvframe.build(method, budget=ratio, **({"scorer.window": 2} if method in ("snapkv", "adakv") else {}))
+    res = kvframe.compress(comp, keys, values, queries=q)
+    b_expected = max(1, int(t * ratio + 0.5))
+    kept = res.kept_per_head
+    if method == "adakv":
+        assert torch.equal(kept.sum(-1), torch.full((2,), b_expected * h))
+    else:
+        assert torch.equal(kept, torch.full((2, h), b_expected))
+    for b in range(2):
+        for hh in range(h):
+            k, v, pos, lw = res.head(b, hh)
+            assert torch.equal(pos, pos.sort().values) and len(set(pos.tolist())) == len(pos)
+            assert torch.equal(k, keys[b, hh, pos]) and torch.equal(v, values[b, hh, pos])
+            assert torch.all(lw == 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(4, 30), pad=st.integers(0, 3), budget=st.integers(1, 4))
+def test_property_padding_never_kept(t, pad, budget):
+    keys = torch.randn(2, 2, t, 8)
+    valid = torch.ones(2, t, dtype=torch.bool)
+    valid[1, :pad] = False
+    res = kvframe.compress(kvframe.build("knorm", budget=budget), keys, keys, valid=valid)
+    assert bool((res.positions[res.valid] >= pad * 0).all())
+    assert int(res.kept_per_head[1, 0]) == min(budget, t - pad)
+    assert not bool((res.valid[1] & (res.positions[1] < pad)).any())
