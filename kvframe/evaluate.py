@@ -153,6 +153,15 @@ def _read_done(path: Path) -> dict[tuple[str, str, str, str], dict[str, Any]]:
     return done
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Remove a last line cut short by an interruption, so appended records stay one per line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def run_sample(model: Any, tok: Any, comp: Compressor, context: str, question: str, max_new_tokens: int, mode: str) -> dict[str, Any]:
     """One sample: returns the prediction and efficiency figures."""
     from kvframe.tasks.passkey import split_prompt
@@ -208,6 +217,7 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
 
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     pred_path = run_dir / "predictions.jsonl"
+    _drop_partial_line(pred_path)
     done = _read_done(pred_path)
     records: list[dict[str, Any]] = []
     with pred_path.open("a") as pred_file:

@@ -102,3 +102,32 @@ def test_property_padding_never_kept(t, pad, budget):
     assert bool((res.positions[res.valid] >= pad * 0).all())
     assert int(res.kept_per_head[1, 0]) == min(budget, t - pad)
     assert not bool((res.valid[1] & (res.positions[1] < pad)).any())
+
+
+def test_snapkv_keeps_what_the_window_attends_to():
+    """Window queries aligned with key 10 make slot 10 (and its pooling neighbours) win."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 1, 40, 16, generator=g) * 0.1
+    keys[0, 0, 10] = torch.ones(16)
+    q = torch.ones(1, 2, 4, 16) * 3.0  # 2 query heads share the KV head (GQA)
+    res = kvframe.compress(kvframe.build("snapkv", budget=5, scorer={"window": 4, "kernel": 1}), keys, keys.clone(), queries=q)
+    assert res.positions[0, 0].tolist() == [10, 36, 37, 38, 39]
+    res = kvframe.compress(kvframe.build("snapkv", budget=7, scorer={"window": 4, "kernel": 3, "pool": "max"}), keys, keys.clone(), queries=q)
+    assert {9, 10, 11} <= set(res.positions[0, 0].tolist())
+
+
+def test_observed_attention_normalises_by_visible_queries():
+    """With uniform attention every key gets the same normalised score; unnormalised favours early keys."""
+    keys = torch.zeros(1, 1, 8, 4)
+    q = torch.zeros(1, 1, 8, 4)
+    from kvframe.policies.base import CompressionContext
+    from kvframe.policies.score_observed_attention import ObservedAttentionScorer
+    from kvframe.slots import SlotState
+
+    state = SlotState.from_tensors(keys, keys)
+    ctx = CompressionContext(queries=q, query_positions=torch.arange(8)[None], query_valid=torch.ones(1, 8, dtype=torch.bool))
+    norm = ObservedAttentionScorer().score(state, ctx)[0, 0]
+    raw = ObservedAttentionScorer(normalize=False).score(state, ctx)[0, 0]
+    expected = torch.tensor([sum(1.0 / (i + 1) for i in range(j, 8)) for j in range(8)])
+    torch.testing.assert_close(raw, expected)
+    torch.testing.assert_close(norm, expected / torch.arange(8, 0, -1).float())

@@ -1,0 +1,111 @@
+"""Cache bytes actually held after compression, and the prefill overhead of compressing.
+
+For each method and budget, one ~T-token SmolLM2 prefill through ``kvframe.attach``: the bytes the
+SlotCache holds (keys, values, positions, log-weights, validity), the KV bytes against
+``budget x full``, content versus padding slots (ragged head budgets), and the time of the prefill
+(compression included) as a ratio to the uncompressed prefill measured in the same run.
+
+Run: ``python benchmarks/cache_memory.py [--tokens 2048] [--repeats 3]``. Writes
+``benchmarks/results/cache_memory.json`` and ``.md`` with the machine described. Not part of the
+test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kvframe
+from kvframe.models import load_model
+from kvframe.tasks.passkey import make_passkey_samples
+
+METHODS = ["full", "streaming_llm", "knorm", "snapkv", "h2o", "tova", "pyramidkv", "adakv"]
+BUDGETS = [0.5, 0.25]
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "platform": platform.platform(), "device": "cpu"}
+
+
+def prefill(model, comp, ids):
+    with torch.no_grad(), kvframe.attach(model, comp) as h:
+        cache = h.new_cache()
+        t0 = time.perf_counter()
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        dt = time.perf_counter() - t0
+    return dt, cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cache_memory"))
+    args = ap.parse_args()
+    model, tok = load_model("smollm2-135m")
+    text = make_passkey_samples(tok, n=1, length=args.tokens + 64, seed=0)[0].context
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
+    rows = []
+    full_times = []
+    for method in METHODS:
+        for budget in ([None] if method == "full" else BUDGETS):
+            comp = kvframe.build(method, budget=budget if budget is not None else 1.0)
+            times = []
+            for _ in range(args.repeats):
+                # interleave a full prefill with each measurement so the ratio is side by side
+                full_t, full_cache = prefill(model, kvframe.build("full"), ids)
+                full_times.append(full_t)
+                t, cache = prefill(model, comp, ids)
+                times.append(t / full_t)
+            mem, fmem = cache.memory(), full_cache.memory()
+            rows.append({
+                "method": method, "budget": budget, "tokens": int(ids.shape[1]),
+                "bytes": mem.bytes, "kv_bytes": mem.kv_bytes, "full_kv_bytes": fmem.kv_bytes,
+                "kv_over_budget_x_full": mem.kv_bytes / (fmem.kv_bytes * (budget or 1.0)),
+                "content_slots": mem.content_slots, "padding_slots": mem.padding_slots,
+                "prefill_ratio_median": statistics.median(times),
+                "compression_s": cache.compression_seconds,
+            })
+            print(rows[-1], flush=True)
+    result = {"machine": machine(), "model": "SmolLM2-135M-Instruct fp32", "full_prefill_s_median": statistics.median(full_times), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    m = result["machine"]
+    lines = [
+        f"# Cache memory and prefill overhead — SmolLM2-135M fp32, {args.tokens}-token prompt",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), CPU. "
+        f"Uncompressed prefill median {result['full_prefill_s_median']:.2f} s. Ratios are measured side by side "
+        f"(each compressed prefill right after an uncompressed one), median of {args.repeats}.",
+        "",
+        "| method | budget | cache bytes | KV bytes | KV / (budget × full KV) | content slots | padding slots | prefill+compress / prefill | compression s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '-'} | {r['bytes']:,} | {r['kv_bytes']:,} | "
+            f"{r['kv_over_budget_x_full']:.3f} | {r['content_slots']:,} | {r['padding_slots']:,} | {r['prefill_ratio_median']:.3f} | {r['compression_s']:.3f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
