@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import kvframe
+from kvframe.attach import cache_argument
 from kvframe.models import load_model
 from kvframe.tasks.passkey import make_passkey_samples
 
@@ -47,7 +48,7 @@ def prefill(model, comp, ids):
     with torch.no_grad(), kvframe.attach(model, comp) as h:
         cache = h.new_cache()
         t0 = time.perf_counter()
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         dt = time.perf_counter() - t0
     return dt, cache
 

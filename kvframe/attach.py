@@ -79,6 +79,11 @@ class Attachment:
         return cache
 
 
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes its cache (``cache`` from transformers 5.24)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def check_model(model: Any) -> None:
     """Raise :class:`UnsupportedModelError` unless kvframe can drive ``model``'s attention and cache."""
     if not isinstance(model, PreTrainedModel):
@@ -160,12 +165,22 @@ def attach(model: Any, compressor: Compressor) -> Iterator[Attachment]:
 def _wrap_forward(model: Any, handle: Attachment) -> Any:
     original = model.forward  # bound method (class forward, or a previous instance wrapper)
     sig = inspect.signature(original)
+    # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is a deprecated alias)
+    cache_arg = "cache" if "cache" in sig.parameters else "past_key_values"
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
+        for alias in ("past_key_values", "cache"):
+            if alias != cache_arg and alias in kwargs and cache_arg not in kwargs:
+                kwargs[cache_arg] = kwargs.pop(alias)
         bound = sig.bind_partial(*args, **kwargs)
         arguments = bound.arguments
-        pkv = arguments.get("past_key_values")
+        extra = arguments.get(var_kw, {}) if var_kw else {}
+        for alias in ("past_key_values", "cache"):
+            if alias != cache_arg and alias in extra:
+                arguments[cache_arg] = extra.pop(alias)
+        pkv = arguments.get(cache_arg)
         use_cache = arguments.get("use_cache")
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
@@ -173,14 +188,14 @@ def _wrap_forward(model: Any, handle: Attachment) -> Any:
             if pkv.compressor is not handle.compressor:
                 pass  # an explicit cache keeps its own compressor
         elif use_cache and (pkv is None or (isinstance(pkv, Cache) and pkv.get_seq_length() == 0)):
-            arguments["past_key_values"] = handle.new_cache()
+            arguments[cache_arg] = handle.new_cache()
         elif pkv is not None:
             raise UnsupportedModelError(
                 f"inside kvframe.attach the model got a non-empty {type(pkv).__name__}; kvframe can only continue "
                 "its own SlotCache (pass no past_key_values, or the cache from a previous call inside the block)"
             )
         out = original(*bound.args, **bound.kwargs)
-        cache = arguments.get("past_key_values")
+        cache = arguments.get(cache_arg)
         if isinstance(cache, SlotCache):
             pending = [i for i, layer in enumerate(cache.layers) if layer.pending]
             if pending:

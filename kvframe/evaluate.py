@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kvframe.attach import attach
+from kvframe.attach import attach, cache_argument
 from kvframe.compressor import Compressor
 from kvframe.config import build, load_yaml
 from kvframe.errors import ConfigError, close_matches, unknown_name
@@ -174,16 +174,16 @@ def run_sample(model: Any, tok: Any, comp: Compressor, context: str, question: s
     with torch.no_grad(), attach(model, comp) as handle:
         cache = handle.new_cache()
         t0 = time.perf_counter()
-        model(first, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(first, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         t1 = time.perf_counter()
         mem = cache.memory()
         out = model.generate(
             full,
             attention_mask=torch.ones_like(full),
-            past_key_values=cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **{cache_argument(model): cache},
         )
         t2 = time.perf_counter()
     pred = tok.decode(out[0, full.shape[1] :], skip_special_tokens=True)
