@@ -72,10 +72,9 @@ def compress(
         nq = queries.shape[2]
         if nq > keys.shape[2]:
             raise ConfigError(f"{nq} queries but only {keys.shape[2]} keys; queries are the last tokens of the keys")
-        qpos = state.positions[:, 0, -nq:].clamp(min=0)
+        # padding queries (position -1) take the last real position before them
+        qpos = torch.cummax(state.positions[:, 0, -nq:], dim=-1).values.clamp(min=0)
         qvalid = state.valid[:, 0, -nq:]
-        if torch.any(state.positions[:, 0, -nq:] < 0):
-            qpos = torch.cummax(state.positions[:, 0, -nq:], dim=-1).values.clamp(min=0)
     ctx = CompressionContext(
         layer_idx=layer_idx,
         num_layers=num_layers,

@@ -185,8 +185,7 @@ def _wrap_forward(model: Any, handle: Attachment) -> Any:
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
         if isinstance(pkv, SlotCache):
-            if pkv.compressor is not handle.compressor:
-                pass  # an explicit cache keeps its own compressor
+            pass  # an explicit SlotCache is used as given, with its own compressor
         elif use_cache and (pkv is None or (isinstance(pkv, Cache) and pkv.get_seq_length() == 0)):
             arguments[cache_arg] = handle.new_cache()
         elif pkv is not None:

@@ -84,13 +84,17 @@ def _query_meta(
 def _attend(
     query: Tensor, state: SlotState, qpos: Tensor, scaling: float | None, sliding_window: int | None, heads_uniform: bool
 ) -> Tensor:
-    """SDPA over slots. ``query`` ``[B, Hq, q, D]``; returns ``[B, Hq, q, Dv]``."""
+    """SDPA over slots. ``query`` ``[B, Hq, q, D]``; returns ``[B, Hq, q, Dv]``.
+
+    ``qpos`` is ``[B, q]``, or ``[B, H_kv, q]`` when query positions differ per KV head (re-index mode).
+    """
     b, hq, q, d = query.shape
     h = state.num_heads
     g = hq // h
+    heads_uniform = heads_uniform and qpos.dim() == 2
     pos = state.positions[:, :1] if heads_uniform else state.positions  # [B, H', S]
     valid = state.valid[:, :1] if heads_uniform else state.valid
-    qp = qpos[:, None, :, None]  # [B, 1, q, 1]
+    qp = qpos[:, None, :, None] if qpos.dim() == 2 else qpos[..., None]  # [B, 1 or H, q, 1]
     visible = valid[:, :, None, :] & (pos[:, :, None, :] <= qp)
     if sliding_window is not None:
         visible = visible & (qp - pos[:, :, None, :] < sliding_window)
@@ -100,8 +104,7 @@ def _attend(
         mask: Tensor = visible  # bool [B, 1, q, S]
     else:
         lw = state.log_weights[:, :1] if heads_uniform else state.log_weights
-        bias = lw.to(query.dtype)[:, :, None, :].expand(-1, -1, q, -1)
-        mask = torch.where(visible, bias, torch.finfo(query.dtype).min)
+        mask = torch.where(visible, lw.to(query.dtype)[:, :, None, :], torch.finfo(query.dtype).min)
     hm = mask.shape[1]
     if g > 1:
         qg = query.reshape(b, h, g * q, d)
@@ -203,31 +206,11 @@ def kvframe_attention(
     if layer.plain and q in (1, state.num_slots) and (window is None or state.num_slots <= window):
         out, _ = sdpa_attention_forward(module, query, state.keys, state.values, None, dropout=0.0, scaling=scaling)
     else:
-        if attn_qpos.dim() == 3:  # per-head query positions (re-index mode)
-            out = _attend_per_head(query, state, attn_qpos, scaling, window)
-        else:
-            out = _attend(query, state, attn_qpos, scaling, window, heads_uniform=layer.heads_uniform)
+        out = _attend(query, state, attn_qpos, scaling, window, heads_uniform=layer.heads_uniform)
         out = out.transpose(1, 2).contiguous()
 
     _after_attention(cache, layer, layer_idx, query, qpos, qvalid, scaling, window)
     return out, None
-
-
-def _attend_per_head(query: Tensor, state: SlotState, qpos: Tensor, scaling: float | None, window: int | None) -> Tensor:
-    """Like :func:`_attend` with query positions that differ per KV head (``[B, H, q]``)."""
-    b, hq, q, d = query.shape
-    h = state.num_heads
-    g = hq // h
-    qp = qpos[:, :, :, None]  # [B, H, q, 1]
-    visible = state.valid[:, :, None, :] & (state.positions[:, :, None, :] <= qp)
-    if window is not None:
-        visible = visible & (qp - state.positions[:, :, None, :] < window)
-    visible = visible | ~visible.any(dim=-1, keepdim=True)
-    bias = state.log_weights.to(query.dtype)[:, :, None, :].expand(-1, -1, q, -1)
-    mask = torch.where(visible, bias, torch.finfo(query.dtype).min)
-    mask = mask[:, :, None].expand(b, h, g, q, mask.shape[-1]).reshape(b, h, g * q, mask.shape[-1])
-    out = F.scaled_dot_product_attention(query.reshape(b, h, g * q, d), state.keys, state.values, attn_mask=mask, scale=scaling)
-    return out.reshape(b, hq, q, state.values.shape[-1])
 
 
 def _after_attention(

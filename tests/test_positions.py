@@ -13,17 +13,22 @@ def _one_layer(arch="llama"):
     return tiny_model(arch, num_hidden_layers=1)
 
 
+def _evict_then_continue(model, method, ids):
+    """Prefill 40 tokens (StreamingLLM, budget 20: sinks 0-3 + 24-39 kept), then feed 3 more."""
+    with kvframe.attach(model, kvframe.build(method, budget=20)) as h:
+        cache = h.new_cache()
+        model(ids[:, :40], past_key_values=cache)
+        got = model(ids[:, 40:], past_key_values=cache).logits
+    return got, cache, torch.cat([ids[:, :4], ids[:, 24:43]], 1)
+
+
 def test_new_tokens_get_original_positions_oracle():
     """One layer: the kept tokens' K/V depend only on their embeddings, so vanilla on the kept
     tokens with their original position ids is an exact oracle."""
     model = _one_layer()
     ids = torch.randint(3, 128, (2, 43), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        with kvframe.attach(model, kvframe.build("streaming_llm", budget=20)) as h:
-            cache = h.new_cache()
-            model(ids[:, :40], past_key_values=cache)
-            got = model(ids[:, 40:], past_key_values=cache).logits
-        kept = torch.cat([ids[:, :4], ids[:, 24:43]], 1)
+        got, _, kept = _evict_then_continue(model, "streaming_llm", ids)
         pos = torch.cat([torch.arange(4), torch.arange(24, 43)])[None].expand(2, -1)
         ref = model(kept, position_ids=pos).logits[:, -3:]
     assert (got - ref).abs().max().item() <= 1e-5
@@ -46,12 +51,8 @@ def test_reindex_mode_oracle():
     model = _one_layer()
     ids = torch.randint(3, 128, (2, 43), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        with kvframe.attach(model, kvframe.build("streaming_llm_reindex", budget=20)) as h:
-            cache = h.new_cache()
-            model(ids[:, :40], past_key_values=cache)
-            got = model(ids[:, 40:], past_key_values=cache).logits
-            assert cache.layers[0].state.positions[0, 0].tolist() == list(range(23))
-        kept = torch.cat([ids[:, :4], ids[:, 24:43]], 1)
+        got, cache, kept = _evict_then_continue(model, "streaming_llm_reindex", ids)
+        assert cache.layers[0].state.positions[0, 0].tolist() == list(range(23))
         ref = model(kept).logits[:, -3:]
     assert (got - ref).abs().max().item() <= 1e-5
 
