@@ -27,6 +27,7 @@ from kvframe.cache import ACTIVE_UPDATE, SlotCache, SlotLayer
 from kvframe.errors import UnsupportedModelError
 from kvframe.policies.base import CompressionContext, TriggerEvent
 from kvframe.slots import INVALID_POSITION, SlotState
+from kvframe.stats import attention_mass
 
 ATTENTION_NAME = "kvframe"
 
@@ -131,6 +132,14 @@ def _finalize_new_slots(
     new_valid = qvalid[:, None, :].expand(b, h, q)
     state.positions[:, :, -q:] = torch.where(new_valid, new_pos, INVALID_POSITION)
     state.valid[:, :, -q:] = new_valid
+    n_new = qvalid.sum(-1)
+    if layer.valid_seen is None:
+        layer.valid_seen = torch.zeros_like(n_new)
+    if q == 1 and layer.prompt_valid is None and layer.seen > 1:
+        layer.prompt_valid = layer.valid_seen.clone()  # decoding starts: freeze the prompt length
+    layer.valid_seen = layer.valid_seen + n_new
+    nxt = torch.where(qvalid, qpos, -1).max(dim=-1).values + 1
+    layer.next_position = nxt if layer.next_position is None else torch.maximum(layer.next_position, nxt)
     if layer.plain:
         expected = layer.seen - q + torch.arange(q, device=qpos.device)
         if not bool(qvalid.all()) or not bool((qpos == expected).all()) or layer.shift is not None:
@@ -209,8 +218,81 @@ def kvframe_attention(
         out = _attend(query, state, attn_qpos, scaling, window, heads_uniform=layer.heads_uniform)
         out = out.transpose(1, 2).contiguous()
 
-    _after_attention(cache, layer, layer_idx, query, qpos, qvalid, scaling, window)
+    if cache.scoring:
+        _record_scoring_pass(cache, layer, query, attn_qpos, qvalid, scaling, window)
+    else:
+        _after_attention(cache, layer, layer_idx, query, qpos, qvalid, scaling, window, attn_qpos)
     return out, None
+
+
+def _record_scoring_pass(
+    cache: SlotCache, layer: SlotLayer, query: Tensor, qpos: Tensor, qvalid: Tensor, scaling: float | None, window: int | None
+) -> None:
+    """During a chunked trigger's scoring pass: keep what compression of the past will read."""
+    comp = cache.compressor
+    state = layer.state
+    assert state is not None
+    if "window_attn" in comp.stats:
+        mass, _ = attention_mass(state, query, qpos, qvalid, scaling, window)
+        layer.state = state.with_stats(window_attn=mass)
+    if comp.needs_queries:
+        layer.scoring_queries = (query.detach(), qpos, qvalid, scaling)
+
+
+def _update_stats(cache: SlotCache, layer: SlotLayer, query: Tensor, qpos: Tensor, qvalid: Tensor, scaling: float | None, window: int | None) -> None:
+    """Accumulate the framework-kept statistics the compressor's policies read (see kvframe.stats)."""
+    need = cache.compressor.stats
+    want_window = "window_attn" in need and cache.compressor.trigger.scoring_pass == "none"
+    if not ("attn" in need or "age" in need or want_window):
+        return
+    state = layer.state
+    assert state is not None
+    mass, seen = attention_mass(state, query, qpos, qvalid, scaling, window)
+    upd: dict[str, Tensor] = {}
+    if "attn" in need:
+        upd["attn"] = state.stats.get("attn", torch.zeros_like(mass)) + mass
+    if "age" in need:
+        upd["age"] = state.stats.get("age", torch.zeros_like(seen)) + seen
+    if want_window:
+        upd["window_attn"] = mass
+    layer.state = state.with_stats(**upd)
+
+
+def compression_context(cache: SlotCache, layer: SlotLayer, layer_idx: int, phase: str, **kw: Any) -> CompressionContext:
+    """The context of one trigger firing for ``layer``: budget reference, step, generator, rope."""
+    state = layer.state
+    assert state is not None
+    ref_rows = layer.prompt_valid if (phase == "decode" and layer.prompt_valid is not None) else layer.valid_seen
+    reference = None if ref_rows is None else ref_rows[:, None].expand(state.batch_size, state.num_heads)
+    return CompressionContext(
+        layer_idx=layer_idx,
+        num_layers=cache.num_layers,
+        phase=phase,
+        rope=cache.rope,
+        generator=cache.generator(state.keys.device),
+        reference=reference,
+        strict=phase == "prefill",
+        step=layer.compressions,
+        **kw,
+    )
+
+
+def apply_compression(cache: SlotCache, layer: SlotLayer, layer_idx: int, ctx: CompressionContext) -> None:
+    """Fire the compressor on ``layer`` and install the result (re-indexing positions if asked)."""
+    comp = cache.compressor
+    state = layer.state
+    assert state is not None
+    t0 = time.perf_counter()
+    new_state, compressed = comp.compress_step(state, ctx)
+    cache.compression_seconds += time.perf_counter() - t0
+    if compressed:
+        if comp.positions == "reindex":
+            assert layer.next_position is not None
+            new_state, layer.shift = _reindex(cache, layer_idx, new_state, layer.next_position)
+        layer.plain = False
+        layer.heads_uniform = False
+    layer.state = new_state
+    layer.compressions += 1
 
 
 def _after_attention(
@@ -222,12 +304,14 @@ def _after_attention(
     qvalid: Tensor,
     scaling: float | None,
     window: int | None,
+    attn_qpos: Tensor | None = None,
 ) -> None:
-    """Run the compressor if its trigger fires; trim sliding-window layers to their window."""
+    """Update statistics, run the compressor if its trigger fires; trim sliding-window layers."""
     comp = cache.compressor
+    q = query.shape[2]
+    _update_stats(cache, layer, query, qpos if attn_qpos is None else attn_qpos, qvalid, scaling, window)
     state = layer.state
     assert state is not None
-    q = query.shape[2]
     event = TriggerEvent(
         slots_before=layer.slots_before,
         new_tokens=q,
@@ -236,30 +320,20 @@ def _after_attention(
         compressions=layer.compressions,
     )
     if (not layer.is_sliding or comp.compress_sliding_layers) and comp.trigger.fires(event):
-        ctx = CompressionContext(
-            layer_idx=layer_idx,
-            num_layers=cache.num_layers,
+        ctx = compression_context(
+            cache,
+            layer,
+            layer_idx,
+            event.phase,
             queries=query if comp.needs_queries else None,
             query_positions=qpos,
             query_valid=qvalid,
             scaling=scaling,
-            phase=event.phase,
-            rope=cache.rope,
             sliding_window=window,
         )
         if layer.shift is not None:
             ctx.query_positions = (qpos[:, None, :] - layer.shift[:, :, None])[:, 0]
-        t0 = time.perf_counter()
-        new_state = comp.compress(state, ctx)
-        cache.compression_seconds += time.perf_counter() - t0
-        if new_state is not state:
-            if comp.positions == "reindex":
-                next_pos = qpos.max(dim=-1).values + 1  # original position of the next token, per row
-                new_state, layer.shift = _reindex(cache, layer_idx, new_state, next_pos)
-            layer.state = new_state
-            layer.plain = False
-            layer.heads_uniform = False
-        layer.compressions += 1
+        apply_compression(cache, layer, layer_idx, ctx)
         state = layer.state
     if layer.is_sliding and window is not None and state.num_slots > window:
         last = torch.where(state.valid, state.positions, INVALID_POSITION).max(dim=-1, keepdim=True).values

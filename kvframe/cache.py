@@ -54,6 +54,10 @@ class SlotLayer(CacheLayerMixin):
         self.plain = True  # no padding, no compression, positions 0..seen-1: vanilla fast path
         self.heads_uniform = True  # every KV head holds the same positions and log-weights
         self.shift: Tensor | None = None  # [B, H] re-index offset (positions="reindex")
+        self.valid_seen: Tensor | None = None  # [B] non-padding tokens seen so far
+        self.prompt_valid: Tensor | None = None  # [B] non-padding prompt tokens (frozen at the first decode step)
+        self.next_position: Tensor | None = None  # [B] original position of the next token
+        self.scoring_queries: tuple[Tensor, Tensor, Tensor, float | None] | None = None
 
     # -- transformers Cache layer API ------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -103,8 +107,8 @@ class SlotLayer(CacheLayerMixin):
             self.state = new
         else:
             self.slots_before = self.state.num_slots
-            if new.stats.keys() != self.state.stats.keys():
-                new.stats = {k: torch.zeros_like(new.log_weights) for k in self.state.stats}
+            # new slots start with zero statistics (same trailing shape as the layer's)
+            new.stats = {k: v.new_zeros(b, h, q, *v.shape[3:]) for k, v in self.state.stats.items()}
             self.state = self.state.cat(new)
         self.seen += q
         self.pending = q
@@ -127,8 +131,11 @@ class SlotLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:
             self.state = self.state.index_batch(beam_idx.to(self.state.keys.device))
-            if self.shift is not None:
-                self.shift = self.shift[beam_idx.to(self.shift.device)]
+            idx = beam_idx.to(self.state.keys.device)
+            for name in ("shift", "valid_seen", "prompt_valid", "next_position"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t[idx.to(t.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:
@@ -188,6 +195,15 @@ class SlotCache(Cache):
         self.rope = rope
         self.num_layers = num_layers
         self.compression_seconds = 0.0  # wall time spent inside compressor.compress
+        self.scoring = False  # true during a chunked trigger's scoring pass (see kvframe.chunked)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The cache's generator on ``device``, seeded from the compressor's ``seed``."""
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.compressor.seed)
+        return self._generators[key]
 
     @classmethod
     def for_model(cls, model: Any, compressor: Compressor) -> SlotCache:

@@ -44,6 +44,8 @@ class Compressor:
     compress_sliding_layers:
         Whether sliding-window layers (Gemma3's local layers) are compressed too. They hold at most
         a window of tokens anyway, so by default only full-attention layers are compressed.
+    seed:
+        Seed of the generator stochastic policies draw from (one generator per cache).
     """
 
     scorer: Scorer | None
@@ -55,6 +57,7 @@ class Compressor:
     budget: float | int = 0.5
     positions: str = "original"
     compress_sliding_layers: bool = False
+    seed: int = 0
     name: str | None = None
     spec: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -67,6 +70,39 @@ class Compressor:
                 f"compressor {self.name or '(unnamed)'} has no scorer; give one (e.g. scorer: knorm), "
                 "or use trigger: never for no compression"
             )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r}; accepted: an integer")
+        self._check_stats()
+
+    def _check_stats(self) -> None:
+        """Every statistic a policy reads must be kept by someone (fail at build time, not mid-run)."""
+        from kvframe.stats import STAT_SOURCES
+
+        owned = {s for p in self.policies for s in p.provides}
+        for pol in self.policies:
+            for stat in pol.stats:
+                if stat in owned:
+                    continue
+                source = STAT_SOURCES.get(stat)
+                if source is None:
+                    raise ConfigError(
+                        f"{pol.kind} {pol.name!r} reads statistic {stat!r}, which no policy of this compressor keeps; "
+                        f"kept by the framework: {', '.join(sorted(STAT_SOURCES))}"
+                    )
+                if source == "backward" and self.trigger.scoring_pass != "backward":
+                    raise ConfigError(
+                        f"{pol.kind} {pol.name!r} reads statistic {stat!r} (key gradients), which only a chunked trigger "
+                        f"with scoring_pass: backward provides; this compressor's trigger is {self.trigger.name!r} "
+                        f"with scoring_pass {self.trigger.scoring_pass!r}"
+                    )
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """Statistics the framework must keep for this compressor's policies."""
+        from kvframe.stats import STAT_SOURCES
+
+        need = {s for p in self.policies for s in p.stats if s in STAT_SOURCES}
+        return tuple(sorted(need))
 
     # ------------------------------------------------------------------------------------
     @property
@@ -87,16 +123,31 @@ class Compressor:
         return self.positions == "reindex" or any(p.needs_rope for p in self.policies)
 
     def budgets(self, state: SlotState, ctx: CompressionContext) -> torch.Tensor:
-        """``[B, H]`` content slots each row and head keeps after compression."""
+        """``[B, H]`` content slots each row and head keeps after compression.
+
+        Ratio budgets refer to ``ctx.reference`` (tokens seen so far; the prompt length during
+        decoding), absolute budgets are a capacity; neither keeps more than the content.
+        """
         content = state.content_slots()
-        return torch.minimum(self.schedule.budgets(self.budget, content, ctx).long(), content)
+        reference = content if ctx.reference is None else torch.maximum(ctx.reference.to(content.device).long(), content)
+        return torch.minimum(self.schedule.budgets(self.budget, reference, ctx).long(), content)
 
     def compress(self, state: SlotState, ctx: CompressionContext) -> SlotState:
-        """Compress one layer's slots. Returns ``state`` itself when nothing would be dropped."""
-        content = state.content_slots()
+        """Compress one layer's slots. Returns ``state`` itself when nothing would change."""
+        return self.compress_step(state, ctx)[0]
+
+    def compress_step(self, state: SlotState, ctx: CompressionContext) -> tuple[SlotState, bool]:
+        """One trigger firing: let policies update their statistics, then compress if the budget
+        requires it. Returns ``(state, compressed)``."""
+        for pol in self.policies:
+            state = pol.observe(state, ctx)
         budgets = self.budgets(state, ctx)
-        if bool(state.valid.all()) and bool((budgets >= content).all()):
-            return state
+        ctx.budgets = budgets
+        if not self.selector.needs_compression(budgets, state, ctx):
+            return state, False
+        return self._compress(state, ctx, budgets), True
+
+    def _compress(self, state: SlotState, ctx: CompressionContext, budgets: torch.Tensor) -> SlotState:
         if self.scorer is None:
             raise ConfigError(f"compressor {self.name or '(unnamed)'} has no scorer and cannot compress")
         scores = self.scorer.score(state, ctx).float()
@@ -106,9 +157,17 @@ class Compressor:
             )
         selection = self.selector.select(scores, budgets, state, ctx)
         kept = state.gather(selection.keep, selection.keep_valid)
-        keys = self.key_merge.merge(state, selection, kept, ctx)
+        if selection.assign is not None:
+            # a merged slot sits at the position of the last token folded into it
+            from kvframe.policies.groups import group_amax
+
+            pos = group_amax(torch.where(state.valid, state.positions, -1), selection.assign, kept.num_slots, -1)
+            kept = kept.replace(positions=torch.where(kept.valid, torch.maximum(pos, kept.positions), kept.positions))
+        merged = self.key_merge.merge(state, selection, kept, ctx)
+        keys, key_stats = merged if isinstance(merged, tuple) else (merged, {})
         values, log_weights = self.value_merge.merge(state, selection, kept, ctx)
-        return kept.replace(keys=keys, values=values, log_weights=log_weights)
+        out = kept.replace(keys=keys, values=values, log_weights=log_weights)
+        return out.with_stats(**key_stats) if key_stats else out
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved composition (what ``kvframe show`` prints)."""
@@ -119,6 +178,7 @@ class Compressor:
         out["budget"] = self.budget
         out["positions"] = self.positions
         out["compress_sliding_layers"] = self.compress_sliding_layers
+        out["seed"] = self.seed
         for kind, pol in (
             ("scorer", self.scorer),
             ("selector", self.selector),

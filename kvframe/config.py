@@ -35,12 +35,13 @@ from kvframe.errors import ConfigError, close_matches
 
 POLICY_KEYS = ("scorer", "selector", "key_merge", "value_merge", "schedule", "trigger")
 META_KEYS = ("name", "paper", "url", "description", "base")
-OPTION_KEYS = ("budget", "positions", "compress_sliding_layers")
+OPTION_KEYS = ("budget", "positions", "compress_sliding_layers", "seed")
 ALLOWED_KEYS = META_KEYS + OPTION_KEYS + POLICY_KEYS
 DEFAULTS: dict[str, Any] = {
     "budget": 0.5,
     "positions": "original",
     "compress_sliding_layers": False,
+    "seed": 0,
     "scorer": None,
     "selector": {"name": "topk"},
     "key_merge": {"name": "drop"},
@@ -209,6 +210,7 @@ def build(spec: Any, dotlist: list[str] | None = None, **overrides: Any) -> Comp
         budget=data["budget"],
         positions=data["positions"],
         compress_sliding_layers=bool(data["compress_sliding_layers"]),
+        seed=data["seed"],
         name=data.get("name"),
         spec=data,
         **policies,

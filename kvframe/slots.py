@@ -36,8 +36,9 @@ class SlotState:
     valid:
         ``[B, H, T]`` bool, true for slots that hold content.
     stats:
-        Per-slot statistics a method keeps, each ``[B, H, T]`` (float); they follow the slots
-        through every compression.
+        Per-slot statistics a method keeps, each ``[B, H, T]`` or ``[B, H, T, D]`` (float: e.g.
+        accumulated attention, age, a gradient or a Hessian proxy); they follow the slots through
+        every compression (gather, concatenation, batch reordering).
     """
 
     keys: Tensor
@@ -117,15 +118,20 @@ class SlotState:
             positions=torch.where(valid, self.positions.gather(2, idx), INVALID_POSITION),
             log_weights=torch.where(valid, self.log_weights.gather(2, idx), 0.0),
             valid=valid,
-            stats={k: v.gather(2, idx) for k, v in self.stats.items()},
+            stats={k: _gather_stat(v, idx) for k, v in self.stats.items()},
         )
 
     def cat(self, other: SlotState) -> SlotState:
         """Append ``other``'s slots after this state's (same batch, heads and head size)."""
         stats = {}
         for k in set(self.stats) | set(other.stats):
-            a = self.stats.get(k, torch.zeros_like(self.log_weights))
-            b = other.stats.get(k, torch.zeros_like(other.log_weights))
+            ref = self.stats.get(k, other.stats.get(k))
+            a = self.stats.get(k)
+            b = other.stats.get(k)
+            if a is None:
+                a = ref.new_zeros(*self.log_weights.shape, *ref.shape[3:])
+            if b is None:
+                b = ref.new_zeros(*other.log_weights.shape, *ref.shape[3:])
             stats[k] = torch.cat([a, b], dim=2)
         return SlotState(
             keys=torch.cat([self.keys, other.keys], dim=2),
@@ -149,3 +155,27 @@ class SlotState:
 
     def replace(self, **changes) -> SlotState:
         return replace(self, **changes)
+
+    def with_stats(self, **stats: Tensor) -> SlotState:
+        """A copy whose stats dict has ``stats`` added or replaced (the tensors are shared)."""
+        return replace(self, stats={**self.stats, **stats})
+
+    def slice(self, n: int) -> SlotState:
+        """The first ``n`` slots of every head."""
+        return SlotState(
+            keys=self.keys[:, :, :n],
+            values=self.values[:, :, :n],
+            positions=self.positions[:, :, :n],
+            log_weights=self.log_weights[:, :, :n],
+            valid=self.valid[:, :, :n],
+            stats={k: v[:, :, :n] for k, v in self.stats.items()},
+        )
+
+
+def _gather_stat(stat: Tensor, idx: Tensor) -> Tensor:
+    """Gather ``[B, H, T, *]`` along slots with ``idx`` ``[B, H, S]``."""
+    if stat.dim() == 3:
+        return stat.gather(2, idx)
+    extra = stat.shape[3:]
+    full = idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra)
+    return stat.gather(2, full)

@@ -34,6 +34,15 @@ class Policy:
     needs_queries: ClassVar[bool] = False
     #: True if the policy needs the model's rotary embedding (key re-rotation).
     needs_rope: ClassVar[bool] = False
+    #: Per-slot statistics the policy reads (see :data:`kvframe.stats.STAT_SOURCES` for who keeps each).
+    stats: ClassVar[tuple[str, ...]] = ()
+    #: Per-slot statistics the policy keeps itself, in :meth:`observe`.
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def observe(self, state: SlotState, ctx: CompressionContext) -> SlotState:
+        """Update statistics this policy keeps; called every time the trigger fires, before the
+        budget check (so statistics stay current also when nothing is dropped)."""
+        return state
 
     def to_dict(self) -> dict[str, Any]:
         """Hyperparameters as a plain dict, with the registered ``name`` first."""
@@ -72,7 +81,22 @@ class CompressionContext:
     rope:
         The re-rotation service (:class:`kvframe.rope.Rotary`) when the model has RoPE.
     generator:
-        Seeded generator for stochastic policies.
+        Seeded generator for stochastic policies (one per cache, seeded from the compressor's
+        ``seed``, so a run is reproducible).
+    sliding_window:
+        The layer's sliding window, if any.
+    reference:
+        ``[B, H]`` number of tokens a ratio budget refers to: the tokens seen so far during prefill
+        and chunked prefill, the prompt length during decoding (so a decode-time cache holds a fixed
+        capacity). ``None`` means the slots' content.
+    strict:
+        Whether an absolute budget larger than the content is an error (after a one-shot prefill) or
+        simply means "not full yet" (chunked prefill, decoding).
+    step:
+        How many times this layer's trigger fired before (0 at the first compression).
+    budgets:
+        ``[B, H]`` slots to keep, set by the compressor before scoring (scorers that protect a
+        fraction of the budget read it).
     """
 
     layer_idx: int = 0
@@ -85,6 +109,10 @@ class CompressionContext:
     rope: Any = None
     generator: torch.Generator | None = None
     sliding_window: int | None = None
+    reference: Tensor | None = None
+    strict: bool = True
+    step: int = 0
+    budgets: Tensor | None = None
     _rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def require_queries(self, who: str) -> Tensor:
@@ -143,9 +171,11 @@ class Selection:
     assign:
         ``[B, H, T]`` for each input slot, the index in ``[0, S)`` of the kept slot it is folded
         into, or ``-1`` if it is dropped; kept slots map to themselves. ``None`` means pure
-        eviction (nothing is folded).
+        eviction (nothing is folded). A kept slot and the slots folded into it form a *group*; the
+        merged slot takes the position of the group's last token.
     weight:
-        ``[B, H, T]`` optional merge weights chosen by the selector (e.g. convex weights).
+        ``[B, H, T]`` optional per-slot weights chosen by the selector (BalanceKV's sample
+        weights ``w``; merges may read them).
     """
 
     keep: Tensor
@@ -164,18 +194,32 @@ class Scorer(Policy):
 class Selector(Policy):
     kind: ClassVar[str] = "selector"
 
+    def needs_compression(self, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> bool:
+        """False when selection would keep every slot (the compressor then returns the state as is)."""
+        return not (bool(state.valid.all()) and bool((budgets >= state.content_slots()).all()))
+
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:  # pragma: no cover
         raise NotImplementedError
 
 
 class KeyMerge(Policy):
+    """The keys of the kept slots. ``merge`` returns the keys ``[B, H, S, D]`` (rotated at
+    ``kept.positions``), or ``(keys, stats)`` where ``stats`` updates per-slot statistics of the
+    kept slots (e.g. a propagated Hessian proxy)."""
+
     kind: ClassVar[str] = "key_merge"
 
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor:  # pragma: no cover
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor | tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
         raise NotImplementedError
 
 
 class ValueMerge(Policy):
+    """The values ``[B, H, S, D]`` and log-weights ``[B, H, S]`` of the kept slots.
+
+    Stored values are *mean* values: a slot standing for ``l`` tokens has log-weight ``ln l`` and
+    value ``V_sum / l`` (methods.md section 0: logit bias ``ln l`` with mean values is exactly the
+    cardinality-aware softmax over summed values)."""
+
     kind: ClassVar[str] = "value_merge"
 
     def merge(
@@ -193,11 +237,21 @@ class BudgetSchedule(Policy):
 
 
 class Trigger(Policy):
-    """When a compressor runs. Decides from the event of one layer's attention pass."""
+    """When a compressor runs. Decides from the event of one layer's attention pass.
+
+    A trigger with ``chunk_size`` set makes :func:`kvframe.attach` feed every multi-token input in
+    chunks of that many tokens; with ``scoring_pass`` ``"forward"`` or ``"backward"`` each chunk after
+    the first is run twice (a scoring pass whose statistics drive compression of the past, then the
+    real pass), as AsymKV and KVSlimmer do.
+    """
 
     kind: ClassVar[str] = "trigger"
     #: False for triggers that can never fire (no compression): budgets are then irrelevant.
     ever_fires: ClassVar[bool] = True
+    #: Prefill chunk length (tokens) or None for one-shot prefill.
+    chunk_size: int | None = None
+    #: "none", "forward" (attention statistics only) or "backward" (also gradients w.r.t. keys).
+    scoring_pass: str = "none"
 
     def fires(self, event: TriggerEvent) -> bool:  # pragma: no cover
         raise NotImplementedError

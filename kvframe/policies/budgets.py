@@ -43,10 +43,16 @@ def check_budget(budget: Any, where: str = "budget") -> float | int:
     return b
 
 
-def resolve_budget(budget: float | int, content: Tensor, where: str = "budget") -> Tensor:
-    """Slots to keep (``[B, H]`` long) for ``content`` ``[B, H]`` content slots."""
+def resolve_budget(budget: float | int, content: Tensor, where: str = "budget", strict: bool = True) -> Tensor:
+    """Slots to keep (``[B, H]`` long) for ``content`` ``[B, H]`` tokens.
+
+    With ``strict`` (one-shot compression after prefill) an absolute budget larger than the longest
+    row is an error; otherwise (chunked prefill, decoding) it is a capacity not yet reached.
+    """
     budget = check_budget(budget, where)
     content = content.long()
+    if isinstance(budget, int) and not strict:
+        return content.clamp(max=budget)
     if isinstance(budget, int):
         longest = int(content.max()) if content.numel() else 0
         if budget > longest:
@@ -65,7 +71,7 @@ class UniformSchedule(BudgetSchedule):
     """Every layer and head keeps the same budget."""
 
     def budgets(self, budget: float | int, content: Tensor, ctx: CompressionContext) -> Tensor:
-        return resolve_budget(budget, content)
+        return resolve_budget(budget, content, strict=ctx.strict)
 
 
 @register("schedule", "pyramid")
@@ -87,7 +93,7 @@ class PyramidSchedule(BudgetSchedule):
         self._check(isinstance(self.window, int) and self.window >= 0, "window", "an integer >= 0")
 
     def budgets(self, budget: float | int, content: Tensor, ctx: CompressionContext) -> Tensor:
-        cap = resolve_budget(budget, content).double()
+        cap = resolve_budget(budget, content, strict=ctx.strict).double()
         w = torch.clamp(cap, max=float(self.window))
         lo = (cap - w) / self.beta
         hi = 2 * (cap - w) - lo
@@ -127,6 +133,9 @@ class ExplicitSchedule(BudgetSchedule):
                 raise ConfigError(
                     f"schedule 'explicit': layer {ctx.layer_idx} lists {len(entry)} head budgets but the layer has {h} KV heads"
                 )
-            cols = [resolve_budget(b, content[:, j : j + 1], f"schedule.layers[{ctx.layer_idx}][{j}]") for j, b in enumerate(entry)]
+            cols = [
+                resolve_budget(b, content[:, j : j + 1], f"schedule.layers[{ctx.layer_idx}][{j}]", strict=ctx.strict)
+                for j, b in enumerate(entry)
+            ]
             return torch.cat(cols, dim=1)
-        return resolve_budget(entry, content, f"schedule.layers[{ctx.layer_idx}]")
+        return resolve_budget(entry, content, f"schedule.layers[{ctx.layer_idx}]", strict=ctx.strict)

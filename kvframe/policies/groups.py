@@ -1,0 +1,86 @@
+"""Helpers for selections that fold slots into kept slots (merge groups) and protect slots by rank.
+
+A *group* is a kept slot plus every input slot whose ``Selection.assign`` points at it. Merge
+policies reduce over groups with :func:`group_sum`; selectors build ``assign`` with
+:func:`fold_right` or by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvframe.policies.base import Selection
+
+
+def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rank, rank_from_end)`` of every slot among the valid slots of its head (0-based).
+
+    Slots are stored in position order, so rank 0 is the oldest content token. Invalid slots get
+    ranks too (meaningless); mask them with ``valid``.
+    """
+    csum = torch.cumsum(valid.long(), dim=-1)
+    rank = csum - 1
+    rank_end = csum[..., -1:] - csum
+    return rank, rank_end
+
+
+def protected_mask(valid: Tensor, n_sink: int, n_recent: Tensor | int) -> Tensor:
+    """``[B, H, T]`` true for the first ``n_sink`` and the last ``n_recent`` valid slots of each head."""
+    rank, rank_end = valid_rank(valid)
+    if isinstance(n_recent, Tensor):
+        n_recent = n_recent[..., None]
+    return valid & ((rank < n_sink) | (rank_end < n_recent))
+
+
+def group_sum(x: Tensor, assign: Tensor, num_kept: int) -> Tensor:
+    """Sum ``x`` ``[B, H, T, *]`` over each group: ``[B, H, S, *]``. Dropped slots (-1) are ignored."""
+    b, h, t = assign.shape
+    extra = x.shape[3:]
+    out = x.new_zeros(b, h, num_kept + 1, *extra)  # last column collects dropped slots
+    idx = torch.where(assign >= 0, assign, num_kept)
+    full = idx.reshape(b, h, t, *([1] * len(extra))).expand(b, h, t, *extra)
+    out.scatter_add_(2, full, x)
+    return out[:, :, :num_kept]
+
+
+def group_amax(x: Tensor, assign: Tensor, num_kept: int, fill: float | int) -> Tensor:
+    """Maximum of ``x`` ``[B, H, T]`` over each group: ``[B, H, S]`` (``fill`` for empty groups)."""
+    b, h, _ = assign.shape
+    out = torch.full((b, h, num_kept + 1), fill, dtype=x.dtype, device=x.device)
+    idx = torch.where(assign >= 0, assign, num_kept)
+    out.scatter_reduce_(2, idx, x, reduce="amax", include_self=True)
+    return out[:, :, :num_kept]
+
+
+def group_size(selection: Selection, valid: Tensor) -> Tensor:
+    """``[B, H, S]`` number of input slots in each group (1 for a slot nothing was folded into)."""
+    s = selection.keep.shape[-1]
+    if selection.assign is None:
+        return selection.keep_valid.long()
+    return group_sum((valid & (selection.assign >= 0)).long(), selection.assign, s)
+
+
+def kept_assign(keep: Tensor, keep_valid: Tensor, num_slots: int) -> Tensor:
+    """``[B, H, T]`` assignment in which every kept slot maps to itself and every other slot is dropped."""
+    b, h, s = keep.shape
+    assign = torch.full((b, h, num_slots + 1), -1, dtype=torch.long, device=keep.device)
+    src = torch.arange(s, device=keep.device).expand(b, h, s)
+    # filler entries write into the extra last column, which is cut off
+    assign.scatter_(2, torch.where(keep_valid, keep, num_slots), torch.where(keep_valid, src, -1))
+    assign = assign[:, :, :num_slots]
+    return assign
+
+
+def fold_right(selection: Selection, valid: Tensor) -> Selection:
+    """Fold every dropped valid slot into the next kept slot to its right (WeightedKV, CaM-style
+    neighbours). Dropped slots after the last kept slot of their head stay dropped."""
+    t = valid.shape[-1]
+    assign = kept_assign(selection.keep, selection.keep_valid, t)
+    kept = assign >= 0
+    # index of the next kept slot at or after each position: reverse cumulative minimum
+    big = torch.iinfo(torch.long).max
+    nxt = torch.where(kept, assign, big).flip(-1).cummin(dim=-1).values.flip(-1)
+    folded = torch.where(valid & ~kept & (nxt != big), nxt, -1)
+    assign = torch.where(kept, assign, folded)
+    return Selection(selection.keep, selection.keep_valid, assign=assign, weight=selection.weight)

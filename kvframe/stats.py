@@ -1,0 +1,82 @@
+"""Per-slot statistics the framework keeps for policies, and who keeps each.
+
+A policy declares the statistics it reads (``Policy.stats``). The framework keeps these ones:
+
+``attn``
+    Accumulated attention: the attention probability each slot has received, summed over every
+    query of every real pass since the slot entered (prompt and decoding) and over the query heads
+    of its KV group. H2O's heavy-hitter score, CaM's ``A``, WeightedKV's ``a``.
+``age``
+    How many queries could see the slot so far (WeightedKV's ``n``: the number of steps the slot
+    has been in the cache, the step it entered included). ``attn / (age * G)`` is the average
+    attention per query and head.
+``window_attn``
+    Attention from the queries of the most recent pass only (summed over those queries and the
+    group): the chunk's scoring pass for chunked triggers with a scoring pass, otherwise the last
+    real pass. AsymKV's and KVSlimmer's per-window attention mass ``m_j = l_j sum_q w_{q,j}``
+    (probabilities include the log-weight, so the count factor ``l_j`` is already in).
+``grad``
+    ``[B, H, T, D]`` gradient of the chunk's language-model loss with respect to each slot's
+    **pre-RoPE** key, from a ``scoring_pass: backward`` trigger (AsymKV's Fisher information).
+
+Policies may keep their own statistics (``Policy.provides``, updated in ``Policy.observe``), such
+as KVSlimmer's Hessian proxy. Merged slots keep the statistics of the kept slot unless the merge
+policy updates them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kvframe.slots import SlotState
+
+#: statistic -> who provides it ("attention": kvframe's attention function on every real pass;
+#: "scoring": the scoring pass of a chunked trigger; "backward": a backward scoring pass)
+STAT_SOURCES = {"attn": "attention", "age": "attention", "window_attn": "attention", "grad": "backward"}
+
+
+def attention_mass(
+    state: SlotState,
+    query: Tensor,
+    query_positions: Tensor,
+    query_valid: Tensor,
+    scaling: float | None,
+    sliding_window: int | None = None,
+    chunk: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Attention received by each slot from ``query`` ``[B, Hq, Q, D]`` (float32, no grad).
+
+    Returns ``(mass, seen)``, both ``[B, H, T]``: ``mass`` sums the softmax probabilities (with
+    log-weights, padding and causality by position) over the valid queries and the query heads of
+    each KV group; ``seen`` counts the valid queries that could see each slot. Rows are computed
+    ``chunk`` queries at a time, never the full ``Q x T`` matrix at once.
+    """
+    with torch.no_grad():
+        b, hq, nq, d = query.shape
+        h = state.num_heads
+        g = hq // h
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+        keys = state.keys.detach().float()
+        lw = state.log_weights[:, :, None, None, :]
+        mass = torch.zeros(b, h, state.num_slots, device=query.device)
+        seen = torch.zeros(b, h, state.num_slots, device=query.device)
+        qpos = query_positions.to(query.device)
+        qval = query_valid.to(query.device)
+        if qpos.dim() == 2:
+            qpos = qpos[:, None, :]  # [B, 1 or H, Q]
+        for s in range(0, nq, chunk):
+            e = min(nq, s + chunk)
+            qc = query[:, :, s:e].detach().float().reshape(b, h, g, e - s, d)
+            logits = torch.einsum("bhgwd,bhtd->bhgwt", qc, keys) * scale + lw
+            qp = qpos[:, :, None, s:e, None]
+            vis = state.valid[:, :, None, None, :] & (state.positions[:, :, None, None, :] <= qp)
+            if sliding_window is not None:
+                vis = vis & (qp - state.positions[:, :, None, None, :] < sliding_window)
+            vis = vis & qval[:, None, None, s:e, None]
+            probs = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num(0.0)
+            mass += probs.sum(dim=(2, 3))
+            seen += vis[:, :, 0].sum(dim=2).float()
+        return mass, seen
