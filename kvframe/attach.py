@@ -33,6 +33,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from kvframe.attention import ATTENTION_NAME, kvframe_attention, kvframe_mask
 from kvframe.cache import SUPPORTED_LAYER_TYPES, SlotCache
+from kvframe.chunked import chunked_forward
 from kvframe.compressor import Compressor
 from kvframe.errors import ConfigError, UnsupportedModelError
 
@@ -162,12 +163,21 @@ def attach(model: Any, compressor: Compressor) -> Iterator[Attachment]:
             _unregister()
 
 
+def _num_tokens(arguments: dict[str, Any], extra: dict[str, Any]) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        x = arguments.get(name, extra.get(name))
+        if x is not None:
+            return int(x.shape[1])
+    return 0
+
+
 def _wrap_forward(model: Any, handle: Attachment) -> Any:
     original = model.forward  # bound method (class forward, or a previous instance wrapper)
     sig = inspect.signature(original)
     # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is a deprecated alias)
     cache_arg = "cache" if "cache" in sig.parameters else "past_key_values"
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    accepts_keep = "logits_to_keep" in sig.parameters
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -193,8 +203,14 @@ def _wrap_forward(model: Any, handle: Attachment) -> Any:
                 f"inside kvframe.attach the model got a non-empty {type(pkv).__name__}; kvframe can only continue "
                 "its own SlotCache (pass no past_key_values, or the cache from a previous call inside the block)"
             )
-        out = original(*bound.args, **bound.kwargs)
         cache = arguments.get(cache_arg)
+        chunk = getattr(cache, "compressor", None) and cache.compressor.trigger.chunk_size
+        if chunk and _num_tokens(arguments, extra) > chunk:
+            kwargs = {k: v for k, v in arguments.items() if k != var_kw}
+            kwargs.update(extra)
+            out = chunked_forward(original, kwargs, cache, cache_arg, accepts_keep)
+        else:
+            out = original(*bound.args, **bound.kwargs)
         if isinstance(cache, SlotCache):
             pending = [i for i, layer in enumerate(cache.layers) if layer.pending]
             if pending:

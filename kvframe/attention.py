@@ -271,7 +271,7 @@ def compression_context(cache: SlotCache, layer: SlotLayer, layer_idx: int, phas
         rope=cache.rope,
         generator=cache.generator(state.keys.device),
         reference=reference,
-        strict=phase == "prefill",
+        strict=phase == "prefill" and not cache.compressor.trigger.capacity,
         step=layer.compressions,
         **kw,
     )

@@ -120,7 +120,12 @@ class Compressor:
 
     @property
     def needs_rope(self) -> bool:
-        return self.positions == "reindex" or any(p.needs_rope for p in self.policies)
+        # a backward scoring pass reports gradients w.r.t. pre-RoPE keys: it un-rotates them
+        return (
+            self.positions == "reindex"
+            or self.trigger.scoring_pass == "backward"
+            or any(p.needs_rope for p in self.policies)
+        )
 
     def budgets(self, state: SlotState, ctx: CompressionContext) -> torch.Tensor:
         """``[B, H]`` content slots each row and head keeps after compression.

@@ -252,6 +252,9 @@ class Trigger(Policy):
     chunk_size: int | None = None
     #: "none", "forward" (attention statistics only) or "backward" (also gradients w.r.t. keys).
     scoring_pass: str = "none"
+    #: True if the budget is a capacity the cache fills up to over time (chunked prefill,
+    #: decoding): an absolute budget above the prompt length then just means "not full yet".
+    capacity: ClassVar[bool] = False
 
     def fires(self, event: TriggerEvent) -> bool:  # pragma: no cover
         raise NotImplementedError

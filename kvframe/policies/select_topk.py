@@ -1,4 +1,10 @@
-"""Top-k selection: each row and head keeps its ``budget`` highest-scoring slots, in position order."""
+"""Top-k selection: each row and head keeps its ``budget`` highest-scoring slots, in position order.
+
+With ``fold: right`` every dropped slot is folded into the next kept slot to its right instead of
+vanishing (WeightedKV's "merge into the right neighbour", methods.md section 3.3; slots after the
+last kept slot of a head stay dropped). What folding does to keys and values is up to the merge
+policies; with the ``drop`` merges it is plain eviction.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ from torch import Tensor
 from kvframe.policies.base import CompressionContext, Selection, Selector
 from kvframe.registry import register
 from kvframe.slots import SlotState
+
+
+FOLDS = ("none", "right")
 
 
 def keep_mask_to_selection(chosen: Tensor) -> Selection:
@@ -41,5 +50,15 @@ def topk_mask(scores: Tensor, budgets: Tensor, valid: Tensor) -> Tensor:
 @register("selector", "topk")
 @dataclass
 class TopKSelector(Selector):
+    fold: str = "none"
+
+    def __post_init__(self) -> None:
+        self._check(self.fold in FOLDS, "fold", ", ".join(FOLDS))
+
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
-        return keep_mask_to_selection(topk_mask(scores, budgets, state.valid))
+        sel = keep_mask_to_selection(topk_mask(scores, budgets, state.valid))
+        if self.fold == "right":
+            from kvframe.policies.groups import fold_right
+
+            sel = fold_right(sel, state.valid)
+        return sel

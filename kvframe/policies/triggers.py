@@ -38,6 +38,7 @@ class AfterPrefill(Trigger):
 @register("trigger", "per_chunk")
 @dataclass
 class PerChunk(Trigger):
+    capacity = True
     size: int = 512
     scoring_pass: str = "none"  # type: ignore[assignment]
 
@@ -57,6 +58,7 @@ class PerChunk(Trigger):
 @register("trigger", "decode")
 @dataclass
 class Decode(Trigger):
+    capacity = True
     every: int = 1
     prefill: bool = True
 

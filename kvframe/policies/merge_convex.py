@@ -1,0 +1,71 @@
+"""Convex value merge: WeightedKV (Yuan et al., arXiv 2503.01330, Section III-B, Algorithm 1).
+
+A kept slot's value becomes the convex combination of its own value and the values folded into it,
+weighted by each token's *average* attention score (methods.md section 3.3):
+
+    v_new = (sum_i abar_i v_i + abar_k v_k) / (sum_i abar_i + abar_k)
+
+For one evicted token this is the paper's ``(abar_{j*} V[j*] + abar_{j*+1} V[j*+1]) / (abar_{j*} +
+abar_{j*+1})``, the renormalised first-order approximation of the ideal merge (section 3.2). When
+several slots fold into the same kept slot at once (a multi-token compression, e.g. after the
+prompt) they are combined in one convex step, which equals applying the single-merge rule to
+their weighted mean. The kept slot keeps its own key, log-weight and statistics (the paper does not
+combine statistics). If every weight of a group is zero the kept slot's value is unchanged.
+
+``weights``: ``mean_attention`` (``attn / age``, the paper), ``attention`` (accumulated ``attn``),
+or ``uniform`` (plain mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvframe.errors import ConfigError
+from kvframe.policies.base import CompressionContext, Selection, ValueMerge
+from kvframe.policies.groups import group_sum
+from kvframe.registry import register
+from kvframe.slots import SlotState
+
+WEIGHTS = ("mean_attention", "attention", "uniform")
+
+
+def convex_merge(values: Tensor, weight: Tensor, assign: Tensor, kept_values: Tensor) -> Tensor:
+    """Weighted mean of each group's values ``[B, H, S, D]`` (kept value where the weights sum to 0)."""
+    w = torch.where(assign >= 0, weight.float(), 0.0)
+    s = kept_values.shape[2]
+    num = group_sum(values.float() * w[..., None], assign, s)
+    den = group_sum(w, assign, s)
+    members = group_sum((assign >= 0).long(), assign, s)
+    out = num / den.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+    merged = (den > 0) & (members > 1)  # slots nothing was folded into keep their value bit-exactly
+    return torch.where(merged[..., None], out.to(kept_values.dtype), kept_values)
+
+
+@register("value_merge", "convex")
+@dataclass
+class ConvexValueMerge(ValueMerge):
+    weights: str = "mean_attention"
+
+    stats = ("attn", "age")
+
+    def __post_init__(self) -> None:
+        self._check(self.weights in WEIGHTS, "weights", ", ".join(WEIGHTS))
+
+    def slot_weights(self, state: SlotState) -> Tensor:
+        if self.weights == "uniform":
+            return state.valid.float()
+        if "attn" not in state.stats:
+            raise ConfigError("value_merge 'convex' needs the accumulated attention statistic 'attn'; none was kept")
+        attn = state.stats["attn"].float()
+        if self.weights == "attention":
+            return attn
+        return attn / state.stats["age"].float().clamp(min=1.0)
+
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> tuple[Tensor, Tensor]:
+        if selection.assign is None:
+            return kept.values, kept.log_weights
+        w = torch.where(state.valid, self.slot_weights(state), 0.0)
+        return convex_merge(state.values, w, selection.assign, kept.values), kept.log_weights

@@ -1,0 +1,73 @@
+"""Accumulated-attention scorer: H2O's heavy hitters during decoding, WeightedKV's average score.
+
+- H2O (Zhang et al., arXiv 2306.14048; methods.md section 5): ``a_j = sum_t A_{t,j}``, the attention
+  slot ``j`` has received from every query so far (prompt and generated tokens), kept up to date
+  by kvframe's attention function (statistic ``attn``, summed over the KV group's query heads).
+- WeightedKV (Yuan et al., arXiv 2503.01330, Algorithm 1; methods.md section 3.3): the *average*
+  ``a_j / n_j`` with ``n_j`` the number of steps the slot has been in the cache (statistic
+  ``age``), with ``average: true``. Averaging over the GQA group instead of one head is our
+  choice for GQA models (section 3.6 W3): it does not change the ranking within a KV head.
+
+Protected slots score ``+inf``: the first ``n_sink`` content tokens and the most recent ones.
+``recent`` is a count (int) or, as a float in ``[0, 1]``, the fraction of the budget that the
+protected ends (sinks and recent tokens together) take: H2O's 50/50 split of heavy hitters and
+recent tokens is ``n_sink: 0, recent: 0.5``; WeightedKV's layout (4 sinks, 508 recent and a
+512-slot merge region for a 1024-slot cache) is ``n_sink: 4, recent: 0.5``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor
+
+from kvframe.errors import ConfigError
+from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.policies.groups import protected_mask
+from kvframe.registry import register
+from kvframe.slots import SlotState
+
+
+def recent_count(recent: float | int, n_sink: int, budgets: Tensor | None, content: Tensor) -> Tensor:
+    """``[B, H]`` number of recent slots to protect (see module docstring)."""
+    if isinstance(recent, Integral):
+        return torch.full_like(content, int(recent))
+    base = content if budgets is None else budgets
+    return (torch.floor(base.double() * float(recent) + 0.5).long() - n_sink).clamp(min=0)
+
+
+def check_recent(policy: object, recent: object) -> None:
+    ok = (isinstance(recent, Integral) and not isinstance(recent, bool) and recent >= 0) or (
+        isinstance(recent, Real) and not isinstance(recent, (bool, Integral)) and 0.0 <= float(recent) <= 1.0
+    )
+    if not ok:
+        raise ConfigError(
+            f"{policy.kind} {policy.name!r}: invalid recent={recent!r}; accepted: a number of tokens >= 0 (int) "  # type: ignore[attr-defined]
+            "or a fraction of the budget in [0, 1] (float)"
+        )
+
+
+@register("scorer", "accumulated_attention")
+@dataclass
+class AccumulatedAttentionScorer(Scorer):
+    n_sink: int = 0
+    recent: float | int = 0.5
+    average: bool = False
+
+    stats = ("attn", "age")
+
+    def __post_init__(self) -> None:
+        self._check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink", "an integer >= 0")
+        check_recent(self, self.recent)
+        self._check(isinstance(self.average, bool), "average", "true or false")
+
+    def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
+        attn = state.stats.get("attn")
+        if attn is None:
+            attn = torch.zeros_like(state.log_weights)
+        score = attn / state.stats["age"].clamp(min=1.0) if self.average and "age" in state.stats else attn.clone()
+        n_recent = recent_count(self.recent, self.n_sink, ctx.budgets, state.content_slots())
+        protect = protected_mask(state.valid, self.n_sink, n_recent)
+        return score.float().masked_fill(protect, float("inf"))
