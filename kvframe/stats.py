@@ -59,24 +59,41 @@ def attention_mass(
         h = state.num_heads
         g = hq // h
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
-        keys = state.keys.detach().float()
-        lw = state.log_weights[:, :, None, None, :]
-        mass = torch.zeros(b, h, state.num_slots, device=query.device)
-        seen = torch.zeros(b, h, state.num_slots, device=query.device)
+        t = state.num_slots
+        # one mask/bias for all heads when they hold the same slots (the usual case)
+        uniform = bool((state.positions == state.positions[:, :1]).all()) and bool((state.valid == state.valid[:, :1]).all())
+        pos = state.positions[:, :1] if uniform else state.positions  # [B, H', T]
+        valid = state.valid[:, :1] if uniform else state.valid
+        lw = state.log_weights.float()
+        keys_t = state.keys.detach().float().transpose(-1, -2)  # [B, H, D, T]
         qpos = query_positions.to(query.device)
         qval = query_valid.to(query.device)
         if qpos.dim() == 2:
             qpos = qpos[:, None, :]  # [B, 1 or H, Q]
+        mass = torch.zeros(b, h, t, device=query.device)
+        seen = torch.zeros(b, valid.shape[1], t, device=query.device)
+        # slots are stored in position order: a chunk of queries sees no slot past the last one at or
+        # before its largest position, so each chunk only touches a prefix of the slots
+        last_pos = torch.where(valid, pos, -1)
         for s in range(0, nq, chunk):
             e = min(nq, s + chunk)
-            qc = query[:, :, s:e].detach().float().reshape(b, h, g, e - s, d)
-            logits = torch.einsum("bhgwd,bhtd->bhgwt", qc, keys) * scale + lw
-            qp = qpos[:, :, None, s:e, None]
-            vis = state.valid[:, :, None, None, :] & (state.positions[:, :, None, None, :] <= qp)
+            w = e - s
+            qp = qpos[:, :, s:e]  # [B, H'', w]
+            over = last_pos > qp.max()  # [B, H', T]: slots no query of this chunk can see
+            first_over = torch.where(over.any(-1), over.long().argmax(-1), t)
+            cut = max(1, min(t, int(first_over.max())))
+            vis = valid[:, :, None, :cut] & (pos[:, :, None, :cut] <= qp[..., None])  # [B, H', w, cut]
             if sliding_window is not None:
-                vis = vis & (qp - state.positions[:, :, None, None, :] < sliding_window)
-            vis = vis & qval[:, None, None, s:e, None]
-            probs = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num(0.0)
-            mass += probs.sum(dim=(2, 3))
-            seen += vis[:, :, 0].sum(dim=2).float()
-        return mass, seen
+                vis = vis & (qp[..., None] - pos[:, :, None, :cut] < sliding_window)
+            vis = vis & qval[:, None, s:e, None]
+            empty = ~vis.any(-1, keepdim=True)  # padding queries: attend anywhere, then weigh 0
+            bias = torch.where(vis | empty, 0.0, float("-inf"))
+            qc = query[:, :, s:e].detach().float().reshape(b, h, g * w, d)
+            logits = torch.matmul(qc, keys_t[..., :cut]).mul_(scale)
+            logits = logits.view(b, h, g, w, cut).add_(lw[:, :, None, None, :cut]).add_(bias[:, :, None])
+            probs = torch.softmax(logits, dim=-1)
+            if bool(empty.any()):
+                probs = probs * (~empty)[:, :, None].float()
+            mass[..., :cut] += probs.sum(dim=(2, 3))
+            seen[..., :cut] += vis.sum(dim=2).float()
+        return mass, seen.expand(b, h, t).clone()

@@ -5,6 +5,7 @@ Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation
 heads, so heads with peaky attention keep fewer slots and flat heads keep more. Each head first
 gets ``floor(alpha * budget_h)`` of its own best slots (kvpress's safeguard, alpha = 0.2). The result
 is ragged: heads keep different numbers of slots, stored as a padded layout with a validity mask.
+``fold: right`` folds every dropped slot into the next kept slot of its head (see ``topk``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Selection, Selector
-from kvframe.policies.select_topk import keep_mask_to_selection, topk_mask
+from kvframe.policies.groups import fold_right
+from kvframe.policies.select_topk import FOLDS, keep_mask_to_selection, topk_mask
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -24,9 +26,11 @@ from kvframe.slots import SlotState
 @dataclass
 class AdaptiveHeadsSelector(Selector):
     alpha: float = 0.2
+    fold: str = "none"
 
     def __post_init__(self) -> None:
         self._check(0.0 <= float(self.alpha) <= 1.0, "alpha", "a number in [0, 1]")
+        self._check(self.fold in FOLDS, "fold", ", ".join(FOLDS))
 
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         b, h, t = scores.shape
@@ -41,4 +45,5 @@ class AdaptiveHeadsSelector(Selector):
         chosen = torch.zeros(b, h * t, dtype=torch.bool, device=scores.device)
         chosen.scatter_(-1, top, ok)
         chosen = chosen.reshape(b, h, t) & valid
-        return keep_mask_to_selection(chosen)
+        sel = keep_mask_to_selection(chosen)
+        return fold_right(sel, valid) if self.fold == "right" else sel
