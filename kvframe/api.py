@@ -51,16 +51,29 @@ def compress(
     layer_idx: int = 0,
     num_layers: int = 1,
     scaling: float | None = None,
+    stats: dict[str, Tensor] | None = None,
+    step: int = 0,
 ) -> CompressResult:
     """Compress standalone ``keys``/``values`` ``[B, H, T, D]`` with ``compressor``.
 
     ``queries`` ``[B, H_q, Q, D]`` are the queries of the pass (the last ``Q`` tokens, positions
     ``T-Q..T-1`` unless ``positions`` says otherwise); scorers that read attention need them.
-    ``valid`` ``[B, T]`` or ``[B, H, T]`` marks padding (false). Returns the kept slots.
+    ``valid`` ``[B, T]`` or ``[B, H, T]`` marks padding (false). ``stats`` are per-slot statistics
+    ``[B, H, T]`` or ``[B, H, T, D]`` put on the slots (e.g. ``window_attn``, ``grad``, see
+    :mod:`kvframe.stats`); ``step`` is the number of earlier trigger firings (``ctx.step``).
+    Returns the kept slots.
     """
     if not isinstance(compressor, Compressor):
         raise ConfigError(f"compress needs a kvframe Compressor (see kvframe.build); got {type(compressor).__name__}")
     state = SlotState.from_tensors(keys, values, positions=positions, log_weights=log_weights, valid=valid)
+    if stats:
+        for name, stat in stats.items():
+            if stat.shape[:3] != state.valid.shape:
+                raise ConfigError(
+                    f"statistic {name!r} has shape {tuple(stat.shape)}; expected [batch, kv_heads, tokens(, ...)] "
+                    f"starting with {tuple(state.valid.shape)}"
+                )
+        state = state.with_stats(**{k: v.to(keys.device) for k, v in stats.items()})
     qpos = qvalid = None
     if queries is not None:
         if queries.dim() != 4 or queries.shape[0] != keys.shape[0] or queries.shape[-1] != keys.shape[-1]:
@@ -83,6 +96,9 @@ def compress(
         query_valid=qvalid,
         scaling=scaling,
         phase="prefill",
+        strict=not compressor.trigger.capacity,
+        step=step,
+        generator=torch.Generator(device=keys.device).manual_seed(compressor.seed),
     )
     out = compressor.compress(state, ctx)
     return CompressResult(out.keys, out.values, out.positions, out.log_weights, out.valid, out)

@@ -13,7 +13,7 @@ from kvframe.evaluate import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CARDS = sorted((ROOT / "registry").glob("*.yaml"))
-COMPRESSOR_CONFIGS = sorted((ROOT / "configs" / "compressors").glob("*.yaml"))
+COMPRESSOR_CONFIGS = sorted((ROOT / "configs" / "compressors").glob("*.yaml")) + sorted((ROOT / "configs" / "examples").glob("*.yaml"))
 EVAL_CONFIGS = sorted((ROOT / "configs").glob("eval*.yaml")) + [ROOT / "kvframe" / "configs" / "eval_default.yaml"]
 
 
