@@ -118,7 +118,7 @@ def run_one(method: str, budget: float, tokens: int) -> dict[str, object]:
         "peak_extra_mb": round((mem.peak - mem.start) / 2**20, 1),
         "slots_per_head_after_prefill": slots.content_slots // max(1, len(cache.layers) * cache.layers[0].state.num_heads),
         "cache_bytes_after_prefill": slots.bytes,
-        "answer": answer.strip(),
+        "answer": " ".join(answer.split()),
         "passkey": sample.answer,
         "correct": bool(score_passkey(answer, sample.answer)),
     }
@@ -178,7 +178,7 @@ def main() -> None:
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['budget'] if r['budget'] is not None else '—'} | {r['slots_per_head_after_prefill']} | "
-            f"{r['prefill_s']:.2f} | {r['compress_s']:.2f} | {r['peak_extra_mb']:.0f} | {r['answer']!s:.20} | {'yes' if r['correct'] else 'no'} |"
+            f"{r['prefill_s']:.2f} | {r['compress_s']:.2f} | {r['peak_extra_mb']:.0f} | {r['answer'].replace('|', '/')!s:.28} | {'yes' if r['correct'] else 'no'} |"
         )
     (RESULTS / "seed_methods.md").write_text("\n".join(lines) + "\n")
 

@@ -8,7 +8,8 @@ meets a compressor whose trigger asks for chunks. The prompt is fed ``size`` tok
   pass* runs the chunk on the current past and records, per layer, the attention the past's slots
   receive from the chunk's queries (statistic ``window_attn``) and, for ``backward``, the gradient
   of the chunk's next-token loss with respect to each past slot's pre-RoPE key (statistic
-  ``grad``, from ``torch.autograd.grad``: parameters' ``.grad`` are never touched). The chunk's
+  ``grad``, from ``torch.autograd.grad``: parameters' ``.grad`` are never touched; dropped again once
+  the past is compressed, so no key-sized tensor stays in the cache). The chunk's
   own keys and values are then discarded, every layer's past is compressed, and the *real pass*
   re-runs the chunk on the compressed past and appends it. Nothing is compressed after the last
   chunk (as in the AsymKV and KVSlimmer code).
@@ -178,3 +179,7 @@ def _compress_past(cache: SlotCache) -> None:
         ctx = compression_context(cache, layer, i, "chunk", **kw)
         ctx.strict = False
         apply_compression(cache, layer, i, ctx)
+        if layer.state is not None and "grad" in layer.state.stats:
+            # gradients are per chunk (AsymKV recomputes them at every scoring pass): do not hold a
+            # second key-sized tensor in the cache while decoding
+            layer.state = layer.state.replace(stats={k: v for k, v in layer.state.stats.items() if k != "grad"})

@@ -67,12 +67,26 @@ def test_backward_scoring_gradient_matches_autograd():
     torch.manual_seed(0)
     ids = torch.randint(3, 128, (1, 48))
     comp = _chunked(16, "backward", key_merge="_test_reads_grad")
-    with kvframe.attach(model, comp) as handle:
-        with torch.no_grad():
-            model(ids)
-    cache = handle.cache
+    from kvframe import chunked
+
+    seen = []
+    orig = chunked._compress_past
+
+    def spy(cache):
+        seen.append([layer.state.stats["grad"].clone() for layer in cache.layers])
+        orig(cache)
+
+    chunked._compress_past = spy
+    try:
+        with kvframe.attach(model, comp) as handle:
+            with torch.no_grad():
+                model(ids)
+    finally:
+        chunked._compress_past = orig
+    # the statistic is dropped once the past is compressed (no key-sized tensor kept while decoding)
+    assert all("grad" not in layer.state.stats for layer in handle.cache.layers)
     # the last scoring pass was chunk [32, 48) on a past of 32 tokens
-    got = [layer.state.stats["grad"][:, :, :32] for layer in cache.layers]
+    got = seen[-1]
 
     past = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -148,3 +162,44 @@ def test_backward_scoring_refuses_inference_mode():
 def test_gradient_statistic_needs_backward_trigger():
     with pytest.raises(ConfigError, match="scoring_pass: backward"):
         _chunked(8, "forward", key_merge="_test_reads_grad")
+
+
+@pytest.mark.parametrize(
+    "method, overrides, conserved",
+    [
+        ("asymkv", {"value_merge.clamp": None}, False),
+        ("kvslimmer", {"value_merge.clamp": None}, False),
+        ("asymkv_disjoint", {"value_merge.clamp": None}, True),
+    ],
+)
+def test_pair_merging_methods_end_every_chunk_at_the_budget(method, overrides, conserved):
+    """AsymKV/KVSlimmer: after each chunk's compression the past holds exactly budget slots; the
+    counts sum to the tokens seen (disjoint pairs, no clamp), or at most that (overlapping picks
+    evict a slot, methods.md section 1.7)."""
+    from kvframe import chunked
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 80))
+    comp = kvframe.build(method, budget=0.75, **{"selector.n_sink": 2, "trigger.size": 16, **overrides})
+    record = []
+    orig = chunked._compress_past
+
+    def spy(cache):
+        orig(cache)
+        for layer in cache.layers:
+            st = layer.state
+            record.append((int(layer.valid_seen[0]), int(st.content_slots().max()), st.log_weights.exp().sum(-1)[0]))
+
+    chunked._compress_past = spy
+    try:
+        with kvframe.attach(model, comp), torch.no_grad():
+            model(ids)
+    finally:
+        chunked._compress_past = orig
+    assert len(record) == 4 * len(model.model.layers)
+    for seen, slots, counts in record:
+        assert slots == int(seen * 0.75 + 0.5)
+        if conserved:
+            assert torch.allclose(counts, torch.full_like(counts, float(seen)))
+        else:
+            assert bool((counts <= seen + 1e-4).all()) and bool((counts >= slots - 1e-4).all())
