@@ -178,6 +178,8 @@ def kvframe_attention(
         raise UnsupportedModelError("kvframe attention does not return attention weights (output_attentions=True)")
     layer_idx = getattr(module, "layer_idx", None)
     active = ACTIVE_UPDATE.get()
+    if active is not None:
+        ACTIVE_UPDATE.set(None)  # do not keep the cache alive after its last use
     position_ids = kwargs.get("position_ids")
     b, _, q, _ = query.shape
 

@@ -1,0 +1,271 @@
+"""Evaluation as Lightning modules: one :class:`EvalModule` per (method, budget, task) cell.
+
+:class:`SampleDataModule` serves the cell's pending samples (those not in ``predictions.jsonl``
+yet). Under DDP every rank gets the samples ``rank, rank + world, ...``: no sampler padding, so no
+sample is evaluated twice and none is lost. :class:`EvalModule` holds the model and the
+compressor; its ``test_step`` runs, per sample, prefill -> compression (whenever the compressor's
+trigger says) -> question -> greedy decoding -> scoring (generation tasks), or the streaming
+perplexity protocol (perplexity tasks), and appends the record to ``predictions.jsonl`` (under a
+file lock, flushed and fsynced) before the next sample starts. The module never looks at a
+method's name: everything comes from the compressor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gc
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kvframe.attach import attach, cache_argument
+from kvframe.compressor import Compressor
+from kvframe.tasks.base import Sample, Task
+
+
+class _Samples(Dataset):
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.samples[i]
+
+
+class StridedSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` gets indices ``r, r + w, ...`` (uneven shares, never padded)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SampleDataModule(L.LightningDataModule):
+    """The pending samples of one task, one sample per batch."""
+
+    def __init__(self, samples: list[Sample]):
+        super().__init__()
+        self.samples = samples
+
+    def test_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return DataLoader(
+            _Samples(self.samples), batch_size=1, sampler=StridedSampler(len(self.samples), rank, world), collate_fn=lambda b: b
+        )
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> Callable[[], int] | None:
+    """glibc's bytes in use (heap + mmapped chunks), which, unlike RSS, drops when tensors are freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def used() -> int:
+        m = fn()
+        return int(m.uordblks + m.hblkhd)
+
+    return used
+
+
+class PeakMemory:
+    """Peak memory during a block, above the level at its start.
+
+    CUDA: the caching allocator's peak. CPU: glibc's bytes in use (``mallinfo2``), sampled every
+    ``interval`` seconds (resident memory as a fallback off glibc, which overstates reuse).
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device = device
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        if _HEAP is not None:
+            return _HEAP()
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: no sampling
+            return 0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()  # garbage of an earlier sample (reference cycles) would otherwise inflate the start
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self._rss()
+            self._peak = self.start
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._peak, self._rss()) - self.start
+
+
+_HEAP = _heap_in_use()
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line under an exclusive lock (several ranks may write), flushed and fsynced."""
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with path.open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def generate_answer(model: Any, tok: Any, comp: Compressor, sample: Sample, max_new_tokens: int, mode: str) -> dict[str, Any]:
+    """Prefill the context (compressing as the trigger says), append the question, decode greedily."""
+    from kvframe.tasks.passkey import split_prompt
+
+    prefix, suffix = split_prompt(tok, sample.context, sample.question)
+    dev = model.device
+    pre = tok(prefix, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
+    suf = tok(suffix, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
+    full = torch.cat([pre, suf], dim=1)
+    first = pre if mode == "query_agnostic" else full[:, :-1]
+    arg = cache_argument(model)
+    with torch.no_grad(), attach(model, comp) as handle, PeakMemory(dev) as peak:
+        cache = handle.new_cache()
+        t0 = time.perf_counter()
+        model(first, use_cache=True, logits_to_keep=1, **{arg: cache})
+        t1 = time.perf_counter()
+        mem = cache.memory()
+        out = model.generate(
+            full,
+            attention_mask=torch.ones_like(full),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **{arg: cache},
+        )
+        t2 = time.perf_counter()
+    return {
+        "prediction": tok.decode(out[0, full.shape[1] :], skip_special_tokens=True),
+        "prompt_tokens": int(full.shape[1]),
+        "prefill_tokens": int(first.shape[1]),
+        "prefill_s": t1 - t0,
+        "compression_s": cache.compression_seconds,
+        "decode_s": t2 - t1,
+        "peak_memory_bytes": int(peak.peak_bytes),
+        "cache_bytes": mem.bytes,
+        "cache_kv_bytes": mem.kv_bytes,
+        "cache_content_slots": mem.content_slots,
+        "cache_slots": mem.slots,
+    }
+
+
+def stream_perplexity(model: Any, tok: Any, comp: Compressor, sample: Sample, task: Task) -> dict[str, Any]:
+    """The streaming-perplexity protocol on one sample (see :mod:`kvframe.tasks.perplexity`)."""
+    from kvframe.tasks.perplexity import stream_nll
+
+    ids = tok(sample.context, add_special_tokens=False, return_tensors="pt").input_ids[:, : task.length].to(model.device)
+    with PeakMemory(model.device) as peak:
+        t0 = time.perf_counter()
+        nll, cache = stream_nll(model, comp, ids, task.prefill, return_cache=True)
+        t1 = time.perf_counter()
+    mem = cache.memory()
+    return {
+        "nll": [round(float(x), 6) for x in nll.tolist()],
+        "mean_nll": float(nll.mean()),
+        "prompt_tokens": int(ids.shape[1]),
+        "prefill_tokens": int(task.prefill),
+        "prefill_s": 0.0,
+        "decode_s": t1 - t0,
+        "compression_s": cache.compression_seconds,
+        "peak_memory_bytes": int(peak.peak_bytes),
+        "cache_bytes": mem.bytes,
+        "cache_kv_bytes": mem.kv_bytes,
+        "cache_content_slots": mem.content_slots,
+        "cache_slots": mem.slots,
+    }
+
+
+class EvalModule(L.LightningModule):
+    """Evaluates one compressor on one task; ``Trainer.test`` drives it."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        compressor: Compressor,
+        task: Task,
+        cell: dict[str, Any],
+        predictions: Path,
+        max_new_tokens: int = 12,
+        mode: str = "query_agnostic",
+        log_prefix: str = "",
+    ):
+        super().__init__()
+        # the HF model is an attribute, not a registered submodule: Lightning never wraps or moves it
+        object.__setattr__(self, "lm", model)
+        self.tokenizer = tokenizer
+        self.compressor = compressor
+        self.task = task
+        self.cell = cell
+        self.predictions = predictions
+        self.max_new_tokens = max_new_tokens
+        self.mode = mode
+        self.log_prefix = log_prefix
+        self.records: list[dict[str, Any]] = []
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # samples are text; tensors are made (on the model's device) per sample
+
+    def test_step(self, batch: list[Sample], batch_idx: int) -> None:
+        for sample in batch:
+            if self.task.kind == "perplexity":
+                res = stream_perplexity(self.lm, self.tokenizer, self.compressor, sample, self.task)
+                score = res["mean_nll"]
+            else:
+                res = generate_answer(self.lm, self.tokenizer, self.compressor, sample, self.max_new_tokens, self.mode)
+                score = float(self.task.score(res["prediction"], sample))
+            rec = {**self.cell, "sample_id": sample.id, "answers": list(sample.answers), "meta": sample.meta, "score": score,
+                   "rank": self.global_rank, **res}
+            append_record(self.predictions, rec)
+            self.records.append(rec)
+            self.log(f"{self.log_prefix}score", score, on_step=False, on_epoch=True, batch_size=1)
+            self.log(f"{self.log_prefix}cache_kv_bytes", float(res["cache_kv_bytes"]), on_step=False, on_epoch=True, batch_size=1)
+            self.log(f"{self.log_prefix}prefill_s", float(res["prefill_s"]), on_step=False, on_epoch=True, batch_size=1)
+            self.log(f"{self.log_prefix}compression_s", float(res["compression_s"]), on_step=False, on_epoch=True, batch_size=1)
