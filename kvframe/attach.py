@@ -205,7 +205,9 @@ def _wrap_forward(model: Any, handle: Attachment) -> Any:
             )
         cache = arguments.get(cache_arg)
         chunk = getattr(cache, "compressor", None) and cache.compressor.trigger.chunk_size
-        if chunk and _num_tokens(arguments, extra) > chunk:
+        n_new = _num_tokens(arguments, extra)
+        scoring = chunk and cache.compressor.trigger.scoring_pass != "none" and cache.get_seq_length() > 0 and n_new > 1
+        if chunk and (n_new > chunk or scoring):
             kwargs = {k: v for k, v in arguments.items() if k != var_kw}
             kwargs.update(extra)
             out = chunked_forward(original, kwargs, cache, cache_arg, accepts_keep)

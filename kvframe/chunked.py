@@ -4,7 +4,9 @@
 meets a compressor whose trigger asks for chunks. The prompt is fed ``size`` tokens at a time:
 
 - ``scoring_pass: none``: each chunk runs once; the trigger compresses after each chunk's pass.
-- ``scoring_pass: forward`` / ``backward``: every chunk after the first runs twice. The *scoring
+- ``scoring_pass: forward`` / ``backward``: every chunk that finds a non-empty cache (every chunk
+  after the first of a prompt, and any later multi-token input such as an appended question)
+  runs twice. The *scoring
   pass* runs the chunk on the current past and records, per layer, the attention the past's slots
   receive from the chunk's queries (statistic ``window_attn``) and, for ``backward``, the gradient
   of the chunk's next-token loss with respect to each past slot's pre-RoPE key (statistic
@@ -84,7 +86,7 @@ def chunked_forward(
         e = min(n, s + size)
         args = _chunk_arguments(arguments, past, s, e, n)
         args[cache_arg] = cache
-        if trigger.scoring_pass != "none" and c > 0:
+        if trigger.scoring_pass != "none" and past > 0:  # every chunk that has a past to compress
             _scoring_pass(call, args, cache, backward=trigger.scoring_pass == "backward", accepts_logits_to_keep=accepts_logits_to_keep)
             _compress_past(cache)
         if accepts_logits_to_keep and not want_all:

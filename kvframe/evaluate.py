@@ -241,11 +241,12 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
     """Run the grid ``methods x budgets x tasks``; returns the run directory and the records."""
     import lightning as L
 
-    from kvframe.lightning_eval import EvalModule, SampleDataModule
+    from kvframe.lightning_eval import EvalModule, TaskDataModule
     from kvframe.models import load_model
     from kvframe.tasks.base import content_hash
 
     tasks = validate(cfg)
+    _quiet_lightning()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     run_name = cfg.run_name or os.environ.get("KVFRAME_RUN_NAME") or _dt.datetime.now().strftime("eval-%Y%m%d-%H%M%S")
@@ -283,8 +284,8 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
         for label, budget, comp in cells:
             cell = {"method": label, "budget": budget, "task": task.name}
             done = read_predictions(pred_path)
-            pending = [s for s in samples if (label, str(budget), task.name, s.id) not in done]
-            if not pending:
+            done_ids = {s.id for s in samples if (label, str(budget), task.name, s.id) in done}
+            if len(done_ids) == len(samples):
                 continue
             trainer = L.Trainer(
                 accelerator=accelerator,
@@ -296,10 +297,11 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
                 enable_model_summary=False,
                 enable_checkpointing=False,
                 use_distributed_sampler=False,
+                inference_mode=False,  # no_grad instead: AsymKV's scoring pass takes key gradients
             )
             module = EvalModule(model, tok, comp, task, cell, pred_path, cfg.max_new_tokens, cfg.mode,
                                 log_prefix=f"{label}/{budget if budget is not None else 'full'}/{task.name}/")
-            trainer.test(module, datamodule=SampleDataModule(pending), verbose=False)
+            trainer.test(module, datamodule=TaskDataModule(task, tok, done_ids, samples), verbose=False)
             if trainer.world_size > 1:
                 trainer.strategy.barrier()
 
@@ -314,6 +316,20 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
     print(table, flush=True)
     print(f"results: {run_dir / 'results.json'}", flush=True)
     return run_dir, records
+
+
+def _quiet_lightning() -> None:
+    """Keep the console to our table: Lightning's per-Trainer banners and known-harmless warnings."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*transfer_batch_to_device.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*anonymous setting.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -358,6 +374,14 @@ def aggregate(cfg: DictConfig, pred_path: Path, task_samples: list[Any], cells: 
                 "cache_kv_bytes": _mean(rows, "cache_kv_bytes"), "cache_content_slots": _mean(rows, "cache_content_slots"),
                 "compressor": comp.to_dict(), "task_config": task_cfg, "content_hash": digest, "extra": extra, **meta,
             })
+    # per-position-bucket perplexity relative to the uncompressed run of the same task
+    for r in records:
+        b = r["extra"].get("bucket_perplexity")
+        ref = next((x for x in records if x["task"] == r["task"] and x["budget"] is None and x["extra"].get("bucket_perplexity")), None)
+        if b and ref is not None:
+            r["extra"]["bucket_ratio_to_full"] = [
+                x["perplexity"] / y["perplexity"] if y["perplexity"] else float("nan") for x, y in zip(b, ref["extra"]["bucket_perplexity"])
+            ]
     return records
 
 

@@ -55,18 +55,31 @@ class StridedSampler(Sampler[int]):
         return len(self.indices)
 
 
-class SampleDataModule(L.LightningDataModule):
-    """The pending samples of one task, one sample per batch."""
+class TaskDataModule(L.LightningDataModule):
+    """A task's samples (built with the model's tokenizer in ``setup``), minus those already done.
 
-    def __init__(self, samples: list[Sample]):
+    One sample per batch; under DDP rank ``r`` of ``w`` takes pending samples ``r, r + w, ...``.
+    """
+
+    def __init__(
+        self, task: Task, tokenizer: Any, done_ids: set[str] | frozenset[str] = frozenset(), samples: list[Sample] | None = None
+    ):
         super().__init__()
-        self.samples = samples
+        self.task = task
+        self.tokenizer = tokenizer
+        self.done_ids = set(done_ids)
+        self.samples = samples  # already generated (the runner builds each task's samples once)
+        self.pending: list[Sample] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        samples = self.samples if self.samples is not None else self.task.samples(self.tokenizer)
+        self.pending = [s for s in samples if s.id not in self.done_ids]
 
     def test_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(
-            _Samples(self.samples), batch_size=1, sampler=StridedSampler(len(self.samples), rank, world), collate_fn=lambda b: b
+            _Samples(self.pending), batch_size=1, sampler=StridedSampler(len(self.pending), rank, world), collate_fn=lambda b: b
         )
 
 
@@ -155,11 +168,35 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def prompt_parts(tok: Any, sample: Sample) -> tuple[str, str]:
+    """``(prefix, suffix)``: the prompt split right after the context.
+
+    By default the context and question form one user message (blank line between) in the model's
+    chat template. A task may say otherwise per sample: ``meta["join"]`` (the exact text between
+    context and question, e.g. LongBench's templates) and ``meta["chat"] = False`` (raw prompt,
+    as LongBench does for few-shot and code tasks).
+    """
+    from kvframe.tasks.passkey import _has_chat_template, split_prompt
+
+    join = sample.meta.get("join")
+    chat = bool(sample.meta.get("chat", True))
+    if join is None and chat:
+        return split_prompt(tok, sample.context, sample.question)
+    join = "\n\n" if join is None else str(join)
+    if not chat or not _has_chat_template(tok):
+        return sample.context, join + sample.question
+    content = sample.context + join + sample.question
+    prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    start = prompt.rfind(content)
+    if start < 0:
+        return split_prompt(tok, sample.context, sample.question)
+    cut = start + len(sample.context)
+    return prompt[:cut], prompt[cut:]
+
+
 def generate_answer(model: Any, tok: Any, comp: Compressor, sample: Sample, max_new_tokens: int, mode: str) -> dict[str, Any]:
     """Prefill the context (compressing as the trigger says), append the question, decode greedily."""
-    from kvframe.tasks.passkey import split_prompt
-
-    prefix, suffix = split_prompt(tok, sample.context, sample.question)
+    prefix, suffix = prompt_parts(tok, sample)
     dev = model.device
     pre = tok(prefix, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
     suf = tok(suffix, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
@@ -200,10 +237,15 @@ def stream_perplexity(model: Any, tok: Any, comp: Compressor, sample: Sample, ta
     """The streaming-perplexity protocol on one sample (see :mod:`kvframe.tasks.perplexity`)."""
     from kvframe.tasks.perplexity import stream_nll
 
-    ids = tok(sample.context, add_special_tokens=False, return_tensors="pt").input_ids[:, : task.length].to(model.device)
+    ids = task.token_ids(tok, sample).to(model.device)
+    if ids.dim() == 1:
+        ids = ids[None]
     with PeakMemory(model.device) as peak:
         t0 = time.perf_counter()
-        nll, cache = stream_nll(model, comp, ids, task.prefill, return_cache=True)
+        # one token per step (WeightedKV's protocol); methods that compress per prefill chunk and
+        # never while decoding (AsymKV, KVSlimmer) stream in chunks of their own size instead
+        step = int(comp.trigger.chunk_size or 1)
+        nll, cache = stream_nll(model, comp, ids, task.prefill, step=step, return_cache=True)
         t1 = time.perf_counter()
     mem = cache.memory()
     return {
@@ -259,7 +301,9 @@ class EvalModule(L.LightningModule):
                 res = stream_perplexity(self.lm, self.tokenizer, self.compressor, sample, self.task)
                 score = res["mean_nll"]
             else:
-                res = generate_answer(self.lm, self.tokenizer, self.compressor, sample, self.max_new_tokens, self.mode)
+                # a task may set its own generation budget per sample (RULER's per-task tokens_to_generate)
+                n_new = int(sample.meta.get("max_new_tokens") or self.max_new_tokens)
+                res = generate_answer(self.lm, self.tokenizer, self.compressor, sample, n_new, self.mode)
                 score = float(self.task.score(res["prediction"], sample))
             rec = {**self.cell, "sample_id": sample.id, "answers": list(sample.answers), "meta": sample.meta, "score": score,
                    "rank": self.global_rank, **res}

@@ -203,3 +203,19 @@ def test_pair_merging_methods_end_every_chunk_at_the_budget(method, overrides, c
             assert torch.allclose(counts, torch.full_like(counts, float(seen)))
         else:
             assert bool((counts <= seen + 1e-4).all()) and bool((counts >= slots - 1e-4).all())
+
+
+def test_multi_token_input_on_a_chunked_cache_compresses_the_past_first():
+    """An appended question (fewer tokens than a chunk) on a non-empty cache gets the scoring pass,
+    the past is compressed to the budget, then the question is appended (as every later window)."""
+    model = tiny_model("llama")
+    comp = kvframe.build("kvslimmer", budget=20, **{"selector.n_sink": 2, "trigger.size": 16})
+    with kvframe.attach(model, comp) as handle, torch.no_grad():
+        cache = handle.new_cache()
+        model(torch.randint(3, 128, (1, 40)), past_key_values=cache, use_cache=True)  # chunks 16+16+8
+        before = int(cache.layers[0].state.content_slots().max())
+        model(torch.randint(3, 128, (1, 5)), past_key_values=cache, use_cache=True)
+        after = int(cache.layers[0].state.content_slots().max())
+        model(torch.randint(3, 128, (1, 1)), past_key_values=cache, use_cache=True)  # decoding: never compressed
+        decoded = int(cache.layers[0].state.content_slots().max())
+    assert before == 20 + 8 and after == 20 + 5 and decoded == after + 1

@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "ruler": "kvframe.tasks.ruler:RulerTask",
     "needle": "kvframe.tasks.needle:NeedleGridTask",
     "perplexity": "kvframe.tasks.perplexity:PerplexityTask",
+    "sotu_perplexity": "kvframe.tasks.perplexity:PerplexityTask",
     "longbench": "kvframe.tasks.hub:LongBenchTask",
     "ruler_hub": "kvframe.tasks.hub:RulerHubTask",
     "pg19": "kvframe.tasks.hub:PG19Task",
