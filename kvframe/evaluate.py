@@ -37,6 +37,9 @@ from kvframe.errors import ConfigError, close_matches
 from kvframe.policies.budgets import check_budget
 
 MODES = ("query_agnostic", "query_aware")
+_WANDB_DIR_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
+#: W&B directories the user set before kvframe was imported are respected; others go in the run dir
+_USER_WANDB_DIRS = {v: os.environ[v] for v in _WANDB_DIR_VARS if v in os.environ}
 WANDB_MODES = ("offline", "online", "disabled")
 
 #: every record in results.json has these keys (see docs/evaluation.md for their meaning)
@@ -225,8 +228,8 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
 
         wdir = run_dir / "wandb"
         wdir.mkdir(exist_ok=True)
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-            os.environ.setdefault(var, str(wdir))
+        for var in _WANDB_DIR_VARS:
+            os.environ[var] = _USER_WANDB_DIRS.get(var, str(wdir))
         if cfg.wandb.mode == "offline":
             os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
