@@ -309,7 +309,7 @@ class EvalModule(L.LightningModule):
                    "rank": self.global_rank, **res}
             append_record(self.predictions, rec)
             self.records.append(rec)
-            self.log(f"{self.log_prefix}score", score, on_step=False, on_epoch=True, batch_size=1)
-            self.log(f"{self.log_prefix}cache_kv_bytes", float(res["cache_kv_bytes"]), on_step=False, on_epoch=True, batch_size=1)
-            self.log(f"{self.log_prefix}prefill_s", float(res["prefill_s"]), on_step=False, on_epoch=True, batch_size=1)
-            self.log(f"{self.log_prefix}compression_s", float(res["compression_s"]), on_step=False, on_epoch=True, batch_size=1)
+            self.log(f"{self.log_prefix}score", float(score), on_step=False, on_epoch=True, batch_size=1)
+            for key in ("cache_content_slots", "cache_kv_bytes", "cache_bytes", "prefill_s", "compression_s", "decode_s",
+                        "peak_memory_bytes", "prompt_tokens"):
+                self.log(f"{self.log_prefix}{key}", float(res[key]), on_step=False, on_epoch=True, batch_size=1)
