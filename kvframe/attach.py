@@ -33,7 +33,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from kvframe.attention import ATTENTION_NAME, kvframe_attention, kvframe_mask
 from kvframe.cache import SUPPORTED_LAYER_TYPES, SlotCache
-from kvframe.chunked import chunked_forward
+from kvframe.chunked import chunked_forward, num_tokens
 from kvframe.compressor import Compressor
 from kvframe.errors import ConfigError, UnsupportedModelError
 
@@ -163,14 +163,6 @@ def attach(model: Any, compressor: Compressor) -> Iterator[Attachment]:
             _unregister()
 
 
-def _num_tokens(arguments: dict[str, Any], extra: dict[str, Any]) -> int:
-    for name in ("input_ids", "inputs_embeds"):
-        x = arguments.get(name, extra.get(name))
-        if x is not None:
-            return int(x.shape[1])
-    return 0
-
-
 def _wrap_forward(model: Any, handle: Attachment) -> Any:
     original = model.forward  # bound method (class forward, or a previous instance wrapper)
     sig = inspect.signature(original)
@@ -205,11 +197,11 @@ def _wrap_forward(model: Any, handle: Attachment) -> Any:
             )
         cache = arguments.get(cache_arg)
         chunk = getattr(cache, "compressor", None) and cache.compressor.trigger.chunk_size
-        n_new = _num_tokens(arguments, extra)
+        kwargs = {k: v for k, v in arguments.items() if k != var_kw}
+        kwargs.update(extra)
+        n_new = num_tokens(kwargs)
         scoring = chunk and cache.compressor.trigger.scoring_pass != "none" and cache.get_seq_length() > 0 and n_new > 1
         if chunk and (n_new > chunk or scoring):
-            kwargs = {k: v for k, v in arguments.items() if k != var_kw}
-            kwargs.update(extra)
             out = chunked_forward(original, kwargs, cache, cache_arg, accepts_keep)
         else:
             out = original(*bound.args, **bound.kwargs)

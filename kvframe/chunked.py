@@ -36,7 +36,8 @@ from kvframe.errors import ConfigError, UnsupportedModelError
 _TOKEN_ARGS = ("input_ids", "inputs_embeds", "position_ids", "token_type_ids")
 
 
-def _num_tokens(arguments: dict[str, Any]) -> int:
+def num_tokens(arguments: dict[str, Any]) -> int:
+    """New tokens in a forward call's keyword arguments (``input_ids`` or ``inputs_embeds``)."""
     for name in ("input_ids", "inputs_embeds"):
         x = arguments.get(name)
         if x is not None:
@@ -72,7 +73,7 @@ def chunked_forward(
     """Run one multi-token forward in chunks (see module docstring). ``call(**arguments)`` runs the model."""
     trigger = cache.compressor.trigger
     size = int(trigger.chunk_size)
-    n = _num_tokens(arguments)
+    n = num_tokens(arguments)
     past = cache.get_seq_length()
     labels = arguments.get("labels")
     keep = arguments.get("logits_to_keep")
@@ -178,8 +179,7 @@ def _compress_past(cache: SlotCache) -> None:
             q, qpos, qvalid, scaling = layer.scoring_queries
             kw.update(queries=q, query_positions=qpos if qpos.dim() == 2 else qpos[:, 0], query_valid=qvalid, scaling=scaling)
             layer.scoring_queries = None
-        ctx = compression_context(cache, layer, i, "chunk", **kw)
-        ctx.strict = False
+        ctx = compression_context(cache, layer, i, "chunk", **kw)  # chunk phase: budgets are capacities
         apply_compression(cache, layer, i, ctx)
         if layer.state is not None and "grad" in layer.state.stats:
             # gradients are per chunk (AsymKV recomputes them at every scoring pass): do not hold a

@@ -363,7 +363,11 @@ def aggregate(cfg: DictConfig, pred_path: Path, task_samples: list[Any], cells: 
                 nll = [x for r in rows for x in r["nll"]]
                 value = math.exp(sum(nll) / max(len(nll), 1))
                 extra["tokens"] = len(nll)
-                extra["bucket_perplexity"] = _buckets(rows, getattr(task, "buckets", 8))
+                from kvframe.tasks.perplexity import bucket_perplexity
+
+                # positions counted from the first scored token; streams of a task are equally long
+                buckets, _ = bucket_perplexity([r["nll"] for r in rows], int(getattr(task, "buckets", 8)))
+                extra["bucket_perplexity"] = [{"start": a, "end": b, "perplexity": p} for a, b, p in buckets]
             else:
                 value = _mean(rows, "score")
                 subtasks = sorted({r["meta"].get("task") for r in rows if isinstance(r.get("meta"), dict) and r["meta"].get("task")})
@@ -386,18 +390,6 @@ def aggregate(cfg: DictConfig, pred_path: Path, task_samples: list[Any], cells: 
                 x["perplexity"] / y["perplexity"] if y["perplexity"] else float("nan") for x, y in zip(b, ref["extra"]["bucket_perplexity"])
             ]
     return records
-
-
-def _buckets(rows: list[dict[str, Any]], n: int) -> list[dict[str, float]]:
-    """Perplexity per position bucket (positions counted from the first scored token), over samples."""
-    length = max(len(r["nll"]) for r in rows)
-    n = max(1, min(n, length))
-    edges = [round(i * length / n) for i in range(n + 1)]
-    out = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        vals = [x for r in rows for x in r["nll"][a:b]]
-        out.append({"start": a, "end": b, "perplexity": math.exp(sum(vals) / len(vals)) if vals else float("nan")})
-    return out
 
 
 def validate_results(records: list[Mapping[str, Any]]) -> None:

@@ -290,7 +290,6 @@ class EvalModule(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.mode = mode
         self.log_prefix = log_prefix
-        self.records: list[dict[str, Any]] = []
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # samples are text; tensors are made (on the model's device) per sample
@@ -308,7 +307,6 @@ class EvalModule(L.LightningModule):
             rec = {**self.cell, "sample_id": sample.id, "answers": list(sample.answers), "meta": sample.meta, "score": score,
                    "rank": self.global_rank, **res}
             append_record(self.predictions, rec)
-            self.records.append(rec)
             self.log(f"{self.log_prefix}score", float(score), on_step=False, on_epoch=True, batch_size=1)
             for key in ("cache_content_slots", "cache_kv_bytes", "cache_bytes", "prefill_s", "compression_s", "decode_s",
                         "peak_memory_bytes", "prompt_tokens"):

@@ -21,6 +21,19 @@ def smollm2():
     return load_model("smollm2-135m", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(request):
+    """The SmolLM2 tokenizer alone when its converted cache exists, else from the session model."""
+    from kvframe.models import smollm2_cache_path
+
+    path = smollm2_cache_path()
+    if (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    return request.getfixturevalue("smollm2")[1]
+
+
 def left_padded(batch: int, length: int, pads: list[int], vocab: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ids ``[batch, length]`` with ``pads[i]`` left-padding tokens in row ``i``."""
     g = torch.Generator().manual_seed(seed)

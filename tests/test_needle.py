@@ -20,15 +20,8 @@ DEPTHS = [0.0, 0.5, 1.0]
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    from kvframe.models import smollm2_cache_path
-
-    path = smollm2_cache_path()
-    if (path / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path))
-    return request.getfixturevalue("smollm2")[1]
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

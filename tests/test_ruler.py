@@ -38,16 +38,8 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[
 
 
 @pytest.fixture(scope="module")
-def tok(request):
-    """The SmolLM2 tokenizer alone when its converted cache exists, else from the session model."""
-    from kvframe.models import smollm2_cache_path
-
-    path = smollm2_cache_path()
-    if (path / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path))
-    return request.getfixturevalue("smollm2")[1]
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ group. The attention rows are computed ``chunk`` queries at a time: memory stays
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 from kvframe.policies.base import CompressionContext, Scorer
 from kvframe.registry import register
 from kvframe.slots import SlotState
+from kvframe.stats import attention_mass
 
 
 @register("scorer", "observed_attention")
@@ -34,27 +34,12 @@ class ObservedAttentionScorer(Scorer):
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         q = ctx.require_queries("observed_attention")
-        b, hq, nq, d = q.shape
-        h = state.num_heads
-        g = hq // h
-        scale = ctx.scaling if ctx.scaling is not None else 1.0 / math.sqrt(d)
-        qpos = ctx.query_positions if ctx.query_positions is not None else torch.arange(nq).expand(b, nq)
-        qval = ctx.query_valid if ctx.query_valid is not None else torch.ones(b, nq, dtype=torch.bool)
-        qpos, qval = qpos.to(q.device), qval.to(q.device)
-        keys = state.keys.float()
-        total = torch.zeros(b, h, state.num_slots, device=q.device)
-        seen = torch.zeros(b, h, state.num_slots, device=q.device)
-        for s in range(0, nq, self.chunk):
-            e = min(nq, s + self.chunk)
-            qc = q[:, :, s:e].float().reshape(b, h, g, e - s, d)
-            logits = torch.einsum("bhgwd,bhtd->bhgwt", qc, keys) * scale + state.log_weights[:, :, None, None, :]
-            vis = state.valid[:, :, None, None, :] & (
-                state.positions[:, :, None, None, :] <= qpos[:, None, None, s:e, None]
-            )
-            vis = vis & qval[:, None, None, s:e, None]
-            probs = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num(0.0)
-            total += probs.sum(dim=3).mean(dim=2)
-            seen += vis[:, :, 0].sum(dim=2).float()
+        b, hq, nq, _ = q.shape
+        g = hq // state.num_heads
+        qpos = ctx.query_positions if ctx.query_positions is not None else torch.arange(nq, device=q.device).expand(b, nq)
+        qval = ctx.query_valid if ctx.query_valid is not None else torch.ones(b, nq, dtype=torch.bool, device=q.device)
+        mass, seen = attention_mass(state, q, qpos, qval, ctx.scaling, chunk=self.chunk)
+        total = mass / g  # attention summed over queries, averaged over the GQA group
         if self.normalize:
             total = total / seen.clamp(min=1.0)
         return total
