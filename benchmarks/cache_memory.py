@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,21 +25,10 @@ from kvframe.attach import cache_argument
 from kvframe.models import load_model
 from kvframe.tasks.passkey import make_passkey_samples
 
+from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 METHODS = ["full", "streaming_llm", "knorm", "snapkv", "h2o", "tova", "pyramidkv", "adakv"]
 BUDGETS = [0.5, 0.25]
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "device": "cpu"}
 
 
 def prefill(model, comp, ids):

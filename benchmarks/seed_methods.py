@@ -10,8 +10,9 @@ Reported per run:
 - ``prefill_s``: wall time of the context prefill including every compression step (and, for
   chunked methods, the scoring passes: AsymKV's backward, KVSlimmer's forward-only pass);
 - ``compress_s``: time inside the compressor itself (``SlotCache.compression_seconds``);
-- ``peak_extra_mb``: peak resident memory during prefill + generation above the resident memory
-  just before it (sampled every 2 ms from /proc/self/statm);
+- ``peak_extra_mb``: peak memory in use during prefill + generation above the level just before it
+  (glibc heap in use, sampled every 5 ms: :class:`kvframe.lightning_eval.PeakMemory`, the figure
+  ``kvframe eval`` reports);
 - ``slots``: content slots per layer and head after the prefill, and the cache bytes held;
 - the generated answer and whether it contains the pass key.
 
@@ -23,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+from _machine import machine  # benchmarks/ is on sys.path when run as a script
 
 METHODS = [
     "full",
@@ -48,97 +48,37 @@ BUDGETS = [0.5, 0.25]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class PeakRSS:
-    """Samples the process's resident set size in a background thread."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.rss()
-        self.peak = self.start
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-
 def run_one(method: str, budget: float, tokens: int) -> dict[str, object]:
     import torch
 
     import kvframe
-    from kvframe.attach import cache_argument
+    from kvframe.lightning_eval import generate_answer
     from kvframe.models import load_model
-    from kvframe.tasks.passkey import make_passkey_samples, score_passkey, split_prompt
+    from kvframe.tasks.passkey_task import PasskeyTask
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m", dtype="float32")
-    sample = make_passkey_samples(tok, n=1, length=tokens, depths=[0.5], seed=0)[0]
-    prefix, suffix = split_prompt(tok, sample.context, sample.question)
-    pre = tok(prefix, add_special_tokens=False, return_tensors="pt").input_ids
-    suf = tok(suffix, add_special_tokens=False, return_tensors="pt").input_ids
-    full = torch.cat([pre, suf], dim=1)
+    task = PasskeyTask(n_samples=1, length=tokens, depths=[0.5], seed=0)
+    sample = task.samples(tok)[0]
     comp = kvframe.build(method, budget=budget) if method != "full" else kvframe.build("full")
-    arg = cache_argument(model)
-    with torch.no_grad(), kvframe.attach(model, comp) as handle:
-        cache = handle.new_cache()
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            model(pre, use_cache=True, logits_to_keep=1, **{arg: cache})
-            t1 = time.perf_counter()
-            slots = cache.memory()
-            out = model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=12, do_sample=False,
-                                 pad_token_id=tok.eos_token_id, **{arg: cache})
-            t2 = time.perf_counter()
-    answer = tok.decode(out[0, full.shape[1]:], skip_special_tokens=True)
+    # the same per-sample path as `kvframe eval` (query-agnostic): prefill + compression, question, 12 tokens
+    res = generate_answer(model, tok, comp, sample, max_new_tokens=12, mode="query_agnostic")
+    heads = len(model.model.layers) * model.config.num_key_value_heads
     return {
         "method": method,
         "budget": budget if method != "full" else None,
-        "prompt_tokens": int(full.shape[1]),
-        "prefill_tokens": int(pre.shape[1]),
-        "prefill_s": round(t1 - t0, 3),
-        "compress_s": round(cache.compression_seconds, 3),
-        "decode_s": round(t2 - t1, 3),
-        "peak_extra_mb": round((mem.peak - mem.start) / 2**20, 1),
-        "slots_per_head_after_prefill": slots.content_slots // max(1, len(cache.layers) * cache.layers[0].state.num_heads),
-        "cache_bytes_after_prefill": slots.bytes,
-        "answer": " ".join(answer.split()),
-        "passkey": sample.answer,
-        "correct": bool(score_passkey(answer, sample.answer)),
+        "prompt_tokens": res["prompt_tokens"],
+        "prefill_tokens": res["prefill_tokens"],
+        "prefill_s": round(res["prefill_s"], 3),
+        "compress_s": round(res["compression_s"], 3),
+        "decode_s": round(res["decode_s"], 3),
+        "peak_extra_mb": round(res["peak_memory_bytes"] / 2**20, 1),
+        "slots_per_head_after_prefill": res["cache_content_slots"] // heads,
+        "cache_bytes_after_prefill": res["cache_bytes"],
+        "answer": " ".join(res["prediction"].split()),
+        "passkey": sample.answers[0],
+        "correct": bool(task.score(res["prediction"], sample)),
     }
-
-
-def machine() -> dict[str, object]:
-    import platform
-
-    import torch
-
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "device": "cpu", "dtype": "float32", "model": "SmolLM2-135M-Instruct"}
 
 
 def main() -> None:
@@ -163,14 +103,14 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    info = machine()
+    info = {**machine(), "dtype": "float32", "model": "SmolLM2-135M-Instruct"}
     (RESULTS / "seed_methods.json").write_text(json.dumps({"machine": info, "tokens": args.tokens, "runs": rows}, indent=2) + "\n")
     lines = [
         f"# Seed methods on SmolLM2-135M, one ~{args.tokens}-token passkey prompt (query-agnostic)",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), fp32, CPU.",
         "Each row ran in a fresh subprocess of the same invocation. prefill includes every compression step and",
-        "scoring pass; peak is resident memory above the level just before prefill, during prefill + generation.",
+        "scoring pass; peak is memory in use (glibc heap) above the level just before prefill, during prefill + generation.",
         "",
         "| method | budget | slots/head after prefill | prefill s | of which compressor s | peak extra MB | answer | correct |",
         "|---|---|---|---|---|---|---|---|",
