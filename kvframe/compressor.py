@@ -7,6 +7,8 @@ tensors and compiled. Build one by name or from YAML with :func:`kvframe.build`.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,39 @@ from kvframe.policies.budgets import check_budget
 from kvframe.slots import SlotState
 
 POSITION_MODES = ("original", "reindex")
+COMPILE_MODES = ("auto", True, False)
+COMPILE_OPTIONS = ("backend", "mode", "dynamic")
+
+
+def check_compile(value: Any) -> bool | str | dict[str, Any]:
+    """Validate a ``compile`` setting: ``auto``, ``true``, ``false`` or a mapping of torch.compile options."""
+    if isinstance(value, Mapping):
+        opts = dict(value)
+        unknown = [k for k in opts if k not in COMPILE_OPTIONS]
+        if unknown:
+            raise ConfigError(f"compile option {unknown[0]!r}; accepted: {', '.join(COMPILE_OPTIONS)}")
+        import torch._dynamo  # noqa: F401  (list_backends lives there)
+
+        backend = opts.get("backend", "inductor")
+        if not (isinstance(backend, str) or callable(backend)):
+            raise ConfigError(
+                f"compile.backend={backend!r}; accepted: a torch.compile backend name such as 'inductor', or a backend callable"
+            )
+        if isinstance(backend, str) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(
+                f"compile.backend={backend!r}; accepted: {', '.join(torch._dynamo.list_backends(exclude_tags=()))}"
+            )
+        if opts.get("mode") is not None and not isinstance(opts["mode"], str):
+            raise ConfigError(f"compile.mode={opts['mode']!r}; accepted: null or a torch.compile mode name")
+        if not isinstance(opts.get("dynamic", True), bool):
+            raise ConfigError(f"compile.dynamic={opts['dynamic']!r}; accepted: true or false")
+        return opts
+    if value in COMPILE_MODES and (isinstance(value, bool) or value == "auto"):
+        return value
+    raise ConfigError(
+        f"compile={value!r}; accepted: auto (compiled on CUDA, eager on CPU), true, false (eager), "
+        f"or a mapping with {', '.join(COMPILE_OPTIONS)}"
+    )
 
 
 @dataclass
@@ -46,6 +81,16 @@ class Compressor:
         a window of tokens anyway, so by default only full-attention layers are compressed.
     seed:
         Seed of the generator stochastic policies draw from (one generator per cache).
+    compile:
+        Whether the tensor work of a trigger firing (observe, budgets, score, select, merge, compact)
+        runs through ``torch.compile``. ``auto`` (default): compiled where the cache lives on a CUDA
+        device, eager on CPU (inductor's first compile costs tens of seconds there, more than the
+        compression it speeds up on short runs); ``true``: always compiled; ``false``: always eager
+        (the eager switch); a mapping ``{backend, mode, dynamic}`` compiles with those options
+        (defaults ``inductor``, ``None``, ``true``). Shapes are dynamic, so growing prompts and chunks
+        reuse one compiled graph per graph segment; data-dependent sizes (how many slots a head keeps)
+        split the work into a few compiled segments. Kernels are ``torch.library`` custom ops and
+        never break a graph. Results equal eager within float tolerance (tests/test_compile.py).
     """
 
     scorer: Scorer | None
@@ -58,8 +103,10 @@ class Compressor:
     positions: str = "original"
     compress_sliding_layers: bool = False
     seed: int = 0
+    compile: bool | str | dict[str, Any] = "auto"
     name: str | None = None
     spec: dict[str, Any] = field(default_factory=dict, repr=False)
+    _compiled: Callable[..., Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.budget = check_budget(self.budget)
@@ -72,7 +119,36 @@ class Compressor:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r}; accepted: an integer")
+        self.compile = check_compile(self.compile)
         self._check_stats()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_compiled"] = None  # compiled code is per process
+        return state
+
+    def compiles_on(self, device: torch.device) -> bool:
+        """Whether trigger firings on ``device`` run compiled (see ``compile``)."""
+        if self.compile == "auto":
+            return device.type == "cuda"
+        return self.compile is not False
+
+    def _compiled_step(self) -> Callable[..., Any]:
+        if self._compiled is None:
+            opts = dict(self.compile) if isinstance(self.compile, dict) else {}
+            # torch.compile caches compiled frames on the function's code object, with a limit on
+            # how many variants one code object may hold. Give each compressor its own code object so
+            # that many compressors in one process (an eval grid) never evict or exhaust each other's.
+            base = Compressor._step_eager
+            code = base.__code__.replace(co_name=f"compress_step_{self.name or 'compressor'}_{id(self):x}")
+            fn = types.FunctionType(code, base.__globals__, code.co_name, base.__defaults__, base.__closure__)
+            self._compiled = torch.compile(
+                types.MethodType(fn, self),
+                backend=opts.get("backend", "inductor"),
+                mode=opts.get("mode"),
+                dynamic=opts.get("dynamic", True),
+            )
+        return self._compiled
 
     def _check_stats(self) -> None:
         """Every statistic a policy reads must be kept by someone (fail at build time, not mid-run)."""
@@ -143,7 +219,12 @@ class Compressor:
 
     def compress_step(self, state: SlotState, ctx: CompressionContext) -> tuple[SlotState, bool]:
         """One trigger firing: let policies update their statistics, then compress if the budget
-        requires it. Returns ``(state, compressed)``."""
+        requires it. Returns ``(state, compressed)``. Runs compiled or eager per ``compile``."""
+        if self.compiles_on(state.keys.device):
+            return self._compiled_step()(state, ctx)
+        return self._step_eager(state, ctx)
+
+    def _step_eager(self, state: SlotState, ctx: CompressionContext) -> tuple[SlotState, bool]:
         for pol in self.policies:
             state = pol.observe(state, ctx)
         budgets = self.budgets(state, ctx)
@@ -184,6 +265,7 @@ class Compressor:
         out["positions"] = self.positions
         out["compress_sliding_layers"] = self.compress_sliding_layers
         out["seed"] = self.seed
+        out["compile"] = self.compile
         for kind, pol in (
             ("scorer", self.scorer),
             ("selector", self.selector),

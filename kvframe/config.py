@@ -7,6 +7,7 @@ A specification is a mapping::
     base: snapkv                         # optional: start from another card and override it
     budget: 0.5                          # ratio in (0, 1] or tokens (int >= 1)
     positions: original                  # or reindex
+    compile: auto                        # torch.compile: auto (CUDA only), true, false, {backend, mode}
     scorer: {name: snapkv, window: 64, kernel: 5, pool: avg}
     selector: topk                       # a policy as a bare name, or a mapping with `name`
     key_merge: drop
@@ -35,13 +36,14 @@ from kvframe.errors import ConfigError, close_matches
 
 POLICY_KEYS = ("scorer", "selector", "key_merge", "value_merge", "schedule", "trigger")
 META_KEYS = ("name", "paper", "url", "description", "base")
-OPTION_KEYS = ("budget", "positions", "compress_sliding_layers", "seed")
+OPTION_KEYS = ("budget", "positions", "compress_sliding_layers", "seed", "compile")
 ALLOWED_KEYS = META_KEYS + OPTION_KEYS + POLICY_KEYS
 DEFAULTS: dict[str, Any] = {
     "budget": 0.5,
     "positions": "original",
     "compress_sliding_layers": False,
     "seed": 0,
+    "compile": "auto",
     "scorer": None,
     "selector": {"name": "topk"},
     "key_merge": {"name": "drop"},
@@ -211,6 +213,7 @@ def build(spec: Any, dotlist: list[str] | None = None, **overrides: Any) -> Comp
         positions=data["positions"],
         compress_sliding_layers=bool(data["compress_sliding_layers"]),
         seed=data["seed"],
+        compile=data["compile"],
         name=data.get("name"),
         spec=data,
         **policies,
