@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
+from kvframe.kernels.compact import group_reduce
 from kvframe.policies.base import CompressionContext, Selection, ValueMerge
-from kvframe.policies.groups import group_sum
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -36,9 +36,7 @@ def convex_merge(values: Tensor, weight: Tensor, assign: Tensor, kept_values: Te
     """Weighted mean of each group's values ``[B, H, S, D]`` (kept value where the weights sum to 0)."""
     w = torch.where(assign >= 0, weight.float(), 0.0)
     s = kept_values.shape[2]
-    num = group_sum(values.float() * w[..., None], assign, s)
-    den = group_sum(w, assign, s)
-    members = group_sum((assign >= 0).long(), assign, s)
+    num, den, members = group_reduce(values, w, assign, s)  # one kvframe::group_reduce pass
     out = num / den.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
     merged = (den > 0) & (members > 1)  # slots nothing was folded into keep their value bit-exactly
     return torch.where(merged[..., None], out.to(kept_values.dtype), kept_values)

@@ -23,9 +23,9 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from kvframe.kernels.compact import group_reduce
 from kvframe.policies.base import CompressionContext, Selection, ValueMerge
-from kvframe.policies.groups import group_sum
-from kvframe.policies.prerope import group_assign, group_counts
+from kvframe.policies.prerope import group_assign
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -52,9 +52,9 @@ class SumValueMerge(ValueMerge):
         else:
             assign = group_assign(selection, state)
             c = torch.where(state.valid, state.log_weights.float().exp(), 0.0)
-            vsum = group_sum(state.values.float() * c[..., None], assign, s)
-            count = group_sum(c, assign, s)
-            single = group_counts(assign, s) <= 1
+            # one kvframe::group_reduce pass: sum_i c_i v_i, sum_i c_i and the member count per group
+            vsum, count, members = group_reduce(state.values, c, assign, s)
+            single = members <= 1
         capped = count if self.clamp is None else count.clamp(max=float(self.clamp))
         values = (vsum / capped.clamp(min=1e-30)[..., None]).to(kept.values.dtype)
         log_weights = capped.clamp(min=1e-30).log()

@@ -35,12 +35,12 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor
 
+from kvframe.kernels.walk import balance_kernel as balance_kernel  # re-exported (moved to the kernel module)
+from kvframe.kernels.walk import balance_signs
 from kvframe.policies.base import CompressionContext, Selection, Selector
 from kvframe.policies.select_topk import keep_mask_to_selection
 from kvframe.registry import register
 from kvframe.slots import SlotState
-
-_MAX_EXPONENT = 60.0
 
 
 @dataclass
@@ -61,35 +61,6 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
 
-def balance_kernel(
-    keys: Tensor,
-    values: Tensor,
-    temp: float = 1.0,
-    beta: float = 0.0,
-    const: float = 0.025,
-    valid: Tensor | None = None,
-) -> Tensor:
-    """``[..., n, n]`` kernel ``exp(temp <k̄_a, k̄_b>/sqrt d - beta) (<v_a, v_b> + const + 1e-8)`` in fp32.
-
-    Keys are centred by the mean over the real (``valid``) entries; rows and columns of padding are 0.
-    """
-    k = keys.float()
-    v = values.float()
-    d = k.shape[-1]
-    if valid is None:
-        mean = k.mean(dim=-2, keepdim=True)
-    else:
-        m = valid[..., None].float()
-        mean = (k * m).sum(-2, keepdim=True) / m.sum(-2, keepdim=True).clamp(min=1.0)
-    kc = k - mean
-    logits = (temp * (kc @ kc.transpose(-1, -2)) / math.sqrt(d) - beta).clamp(max=_MAX_EXPONENT)
-    ker = torch.exp(logits) * (v @ v.transpose(-1, -2) + const + 1e-8)
-    if valid is not None:
-        vm = valid.float()
-        ker = ker * vm[..., :, None] * vm[..., None, :]
-    return ker
-
-
 def self_balancing_signs(
     keys: Tensor,
     values: Tensor,
@@ -104,24 +75,27 @@ def self_balancing_signs(
 
     ``keys``/``values`` ``[..., n, d]``: one block per leading index, all run in parallel. ``s_1 = +1``;
     ``s_i = +1`` iff ``u_i < 1/2 - gamma * sum_{b<i} Ker_ib s_b`` (``u`` uniform; p is not clipped).
+    ``u`` ``[..., n]`` is drawn here from ``generator``; the walk is the ``kvframe::balance_signs`` op
+    (:mod:`kvframe.kernels.walk`: Triton on CUDA, one program per block, torch reference otherwise;
+    ``Ker`` is :func:`balance_kernel`, re-exported here).
     """
-    ker = balance_kernel(keys, values, temp, beta, const, valid)
-    n = ker.shape[-1]
-    u = _rand(tuple(ker.shape[:-1]), generator, ker.device)
-    signs = torch.zeros(ker.shape[:-1], dtype=torch.float32, device=ker.device)
-    if n == 0:
-        return signs
-    acc = torch.zeros_like(signs)  # acc[..., i] = sum_{b decided} Ker_ib s_b
-    signs[..., 0] = 1.0
-    acc += ker[..., :, 0]
-    for i in range(1, n):
-        p = 0.5 - gamma * acc[..., i]
-        s = torch.where(u[..., i] < p, 1.0, -1.0)
-        signs[..., i] = s
-        acc += ker[..., :, i] * s[..., None]
-    if valid is not None:
-        signs = signs * valid.float()
-    return signs
+    lead, n = keys.shape[:-2], keys.shape[-2]
+    u = _rand(tuple(keys.shape[:-1]), generator, keys.device)  # drawn exactly as before the op existed
+    if valid is None:
+        valid = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device)
+    valid = valid.expand(keys.shape[:-1])
+    blocks = math.prod(lead)  # every leading index is one block: [1, blocks, n, *] for the op
+    signs = balance_signs(
+        keys.reshape(1, blocks, n, keys.shape[-1]),
+        values.reshape(1, blocks, n, values.shape[-1]),
+        valid.reshape(1, blocks, n),
+        u.reshape(1, blocks, n),
+        gamma=gamma,
+        temp=temp,
+        beta=beta,
+        const=const,
+    )
+    return signs.reshape(*lead, n)
 
 
 def signed_energy(signs: Tensor, ker: Tensor) -> Tensor:
