@@ -80,6 +80,9 @@ class EvalConfig:
     output_dir: str = "runs"
     run_name: str | None = None
     threads: int | None = None
+    # torch.compile for every method's compressor (auto / true / false / {backend, mode}); null keeps
+    # each method's own setting (auto: compiled on CUDA, eager on CPU)
+    compile: Any = None
     plots: bool = True
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -158,12 +161,13 @@ def validate(cfg: DictConfig) -> list[Any]:
             raise ConfigError(f"method {spec!r} has an empty budgets list")
         for b in budgets:
             check_budget(b, "budgets entry")
-            _make(spec, b)
+            _make(spec, b, cfg.compile)
     return tasks
 
 
-def _make(method: Any, budget: Any) -> Compressor:
-    return build(_plain(method), budget=budget)
+def _make(method: Any, budget: Any, compile: Any = None) -> Compressor:
+    extra = {} if compile is None else {"compile": _plain(compile)}
+    return build(_plain(method), budget=budget, **extra)
 
 
 def _label(method: Any, comp: Compressor) -> str:
@@ -278,9 +282,9 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
 
     cells = []
     for spec, budgets in method_entries(cfg):
-        comp0 = _make(spec, budgets[0])
+        comp0 = _make(spec, budgets[0], cfg.compile)
         for budget in (budgets if comp0.compresses else [None]):
-            comp = _make(spec, budget if budget is not None else budgets[0])
+            comp = _make(spec, budget if budget is not None else budgets[0], cfg.compile)
             cells.append((_label(spec, comp), budget, comp))
 
     for task, samples, digest in task_samples:

@@ -88,6 +88,15 @@ def test_default_config_parses_and_table_formats():
     assert "| full |" in table and "1.000" in table
 
 
+def test_compile_override_reaches_every_method():
+    from kvframe.evaluate import _make
+
+    cfg = load_config(None, ["compile=false", "methods=[snapkv, {name: kvslimmer, budgets: [0.5]}]"])
+    assert cfg.compile is False
+    assert _make("snapkv", 0.5, cfg.compile).compile is False
+    assert _make("snapkv", 0.5, None).compile == "auto"
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
@@ -98,6 +107,7 @@ def test_default_config_parses_and_table_formats():
         (["tasks=[{name: passkey, lenght: 10}]"], "length"),
         (["wandb.mode=cloud"], "offline"),
         (["methods=[{name: weightedkv, budgets: []}]"], "empty budgets"),
+        (["compile=always"], "accepted: auto"),
     ],
 )
 def test_bad_config_fails_before_loading_the_model(override, needle, monkeypatch):
