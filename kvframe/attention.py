@@ -19,12 +19,12 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvframe.cache import ACTIVE_UPDATE, SlotCache, SlotLayer
 from kvframe.errors import UnsupportedModelError
+from kvframe.kernels.decode import DECODE_MAX_QUERIES, slot_attention_reference, slot_decode_attention
 from kvframe.policies.base import CompressionContext, TriggerEvent
 from kvframe.slots import INVALID_POSITION, SlotState
 from kvframe.stats import attention_mass
@@ -88,32 +88,18 @@ def _attend(
     """SDPA over slots. ``query`` ``[B, Hq, q, D]``; returns ``[B, Hq, q, Dv]``.
 
     ``qpos`` is ``[B, q]``, or ``[B, H_kv, q]`` when query positions differ per KV head (re-index mode).
+    Passes of at most :data:`~kvframe.kernels.decode.DECODE_MAX_QUERIES` queries (decoding) that need
+    no gradient run the op ``kvframe::slot_decode_attention`` (flash-decoding in Triton on CUDA);
+    the others, and every pass on the torch backend, compute the same SDPA in torch
+    (:func:`~kvframe.kernels.decode.slot_attention_reference`).
     """
-    b, hq, q, d = query.shape
-    h = state.num_heads
-    g = hq // h
     heads_uniform = heads_uniform and qpos.dim() == 2
-    pos = state.positions[:, :1] if heads_uniform else state.positions  # [B, H', S]
-    valid = state.valid[:, :1] if heads_uniform else state.valid
-    qp = qpos[:, None, :, None] if qpos.dim() == 2 else qpos[..., None]  # [B, 1 or H, q, 1]
-    visible = valid[:, :, None, :] & (pos[:, :, None, :] <= qp)
-    if sliding_window is not None:
-        visible = visible & (qp - pos[:, :, None, :] < sliding_window)
-    # padding queries (and any row with nothing to see) attend to everything: finite, ignored output
-    visible = visible | ~visible.any(dim=-1, keepdim=True)
-    if heads_uniform and not bool(state.log_weights.any()):
-        mask: Tensor = visible  # bool [B, 1, q, S]
-    else:
-        lw = state.log_weights[:, :1] if heads_uniform else state.log_weights
-        mask = torch.where(visible, lw.to(query.dtype)[:, :, None, :], torch.finfo(query.dtype).min)
-    hm = mask.shape[1]
-    if g > 1:
-        qg = query.reshape(b, h, g * q, d)
-        mask = mask[:, :, None].expand(b, hm, g, q, mask.shape[-1]).reshape(b, hm, g * q, mask.shape[-1])
-    else:
-        qg = query
-    out = F.scaled_dot_product_attention(qg, state.keys, state.values, attn_mask=mask, scale=scaling)
-    return out.reshape(b, hq, q, state.values.shape[-1])
+    sl = slice(0, 1) if heads_uniform else slice(None)  # uniform heads: one [B, 1, S] mask for all
+    args = (query, state.keys, state.values, state.log_weights[:, sl], state.positions[:, sl], state.valid[:, sl], qpos)
+    grad = torch.is_grad_enabled() and (query.requires_grad or state.keys.requires_grad or state.values.requires_grad)
+    if query.shape[2] <= DECODE_MAX_QUERIES and not grad:
+        return slot_decode_attention(*args, scaling=scaling, sliding_window=sliding_window)
+    return slot_attention_reference(*args, scaling, sliding_window)
 
 
 def _finalize_new_slots(

@@ -114,6 +114,7 @@ class CompressionContext:
     step: int = 0
     budgets: Tensor | None = None
     _rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    _window_scores: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def require_queries(self, who: str) -> Tensor:
         if self.queries is None:
@@ -122,6 +123,37 @@ class CompressionContext:
                 "or use it inside kvframe.attach"
             )
         return self.queries
+
+    def window_scores(self, state: SlotState, window: int, who: str = "scorer") -> Tensor:
+        """Attention of the last ``window`` queries per slot, ``[B, H_kv, T]`` float32.
+
+        ``sum over the window queries and mean over the G query heads of each KV head`` of the rows
+        :meth:`attention_rows` would return, divided by the number of valid window queries: the op
+        ``kvframe::window_scores`` (:func:`kvframe.kernels.window.window_scores`), which never holds
+        all ``G x w x T`` probabilities at once."""
+        from kvframe.kernels.window import window_scores
+
+        q = self.require_queries(who)
+        w = min(window, q.shape[2])
+        if w in self._window_scores:
+            return self._window_scores[w]
+        if q.shape[1] % state.num_heads:
+            raise ConfigError(f"query heads ({q.shape[1]}) is not a multiple of KV heads ({state.num_heads})")
+        qpos = self.query_positions[:, -w:] if self.query_positions is not None else None
+        qvalid = self.query_valid[:, -w:] if self.query_valid is not None else None
+        out = window_scores(
+            q[:, :, -w:, :],
+            state.keys,
+            state.log_weights,
+            state.positions,
+            state.valid,
+            query_positions=qpos,
+            query_valid=qvalid,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window if qpos is not None else None,
+        )
+        self._window_scores[w] = out
+        return out
 
     def attention_rows(self, state: SlotState, window: int, who: str = "scorer") -> Tensor:
         """Attention probabilities of the last ``window`` queries over the slots.

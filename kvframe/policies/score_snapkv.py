@@ -34,12 +34,10 @@ class SnapKVScorer(Scorer):
         self._check(self.pool in ("avg", "max"), "pool", "'avg' or 'max'")
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
-        rows = ctx.attention_rows(state, self.window, who="snapkv")  # [B, H, G, w, T]
-        w = rows.shape[3]
-        n_valid_q = ctx.query_valid[:, -w:].sum(-1).clamp(min=1) if ctx.query_valid is not None else w
-        if isinstance(n_valid_q, Tensor):
-            n_valid_q = n_valid_q.to(rows.device).float()[:, None, None]
-        score = rows.sum(dim=3).mean(dim=2) / n_valid_q  # [B, H, T]
+        # window attention summed over the window, averaged over the group and the valid window
+        # queries (kvframe::window_scores); the pooling below is a cheap torch step on [B, H, T]
+        score = ctx.window_scores(state, self.window, who="snapkv")  # [B, H, T] float32
+        w = min(self.window, ctx.require_queries("snapkv").shape[2])
         if self.kernel > 1:
             b, h, t = score.shape
             flat = score.reshape(b * h, 1, t)

@@ -21,6 +21,6 @@ class TOVAScorer(Scorer):
     needs_queries = True
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
-        rows = ctx.attention_rows(state, 1, who="tova")  # [B, H, G, 1, T]
-        shared = rows.mean(dim=(1, 2, 3))  # [B, T]
+        rows = ctx.window_scores(state, 1, who="tova")  # [B, H, T]: the last query's attention, mean over G
+        shared = rows.mean(dim=1)  # [B, T]
         return shared[:, None, :].expand(-1, state.num_heads, -1)
