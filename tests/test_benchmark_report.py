@@ -1,0 +1,21 @@
+"""The README's performance section is generated from the committed benchmark results and in sync."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_performance_section_matches_results():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_benchmark_script_has_a_help():
+    for script in ("overhead", "decode_step", "scaling", "compiled", "kvpress_compare", "cache_memory", "seed_methods"):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True,
+                              text=True, cwd=ROOT / "benchmarks")
+        assert proc.returncode == 0 and "usage" in proc.stdout, (script, proc.stderr[-500:])
