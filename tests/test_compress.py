@@ -131,3 +131,30 @@ def test_observed_attention_normalises_by_visible_queries():
     expected = torch.tensor([sum(1.0 / (i + 1) for i in range(j, 8)) for j in range(8)])
     torch.testing.assert_close(raw, expected)
     torch.testing.assert_close(norm, expected / torch.arange(8, 0, -1).float())
+
+
+def test_snapkv_pools_only_the_tokens_before_the_window_like_kvpress():
+    """kvpress / the SnapKV code: mean window attention of the tokens before the window, averaged
+    over the GQA group, avg-pooled (kernel 5) with zero padding counted; the window always kept."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    b, h, g, t, d, w = 1, 2, 2, 40, 8, 6
+    k, v = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    q = torch.randn(b, h * g, w, d)
+    comp = kvframe.build("snapkv", budget=20, **{"scorer.window": w})
+    from kvframe.policies.base import CompressionContext
+    from kvframe.slots import SlotState
+
+    state = SlotState.from_tensors(k, v)
+    ctx = CompressionContext(queries=q, query_positions=torch.arange(t - w, t)[None], query_valid=torch.ones(1, w, dtype=torch.bool))
+    got = comp.scorer.score(state, ctx)
+    # reference written from kvpress's description: causal softmax of the window queries, mean over
+    # window queries and group, pre-window part pooled with zero padding
+    logits = torch.einsum("bhgwd,bhtd->bhgwt", q.reshape(b, h, g, w, d), k) / d**0.5
+    causal = torch.arange(t)[None, :] <= torch.arange(t - w, t)[:, None]
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    pre = probs.mean(dim=(2, 3))[..., : t - w]
+    pooled = F.avg_pool1d(pre.reshape(b * h, 1, t - w), 5, stride=1, padding=2).reshape(b, h, t - w)
+    torch.testing.assert_close(got[..., : t - w], pooled, atol=1e-6, rtol=1e-5)
+    assert torch.isinf(got[..., t - w :]).all()
