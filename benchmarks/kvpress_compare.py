@@ -315,18 +315,13 @@ NOTES = """\
 
 ## Semantic differences found (by reading kvpress 0.5.5's source)
 
-- **SnapKV pooling at the edges (a small kvframe deviation).** kvpress (like the original SnapKV code) pools
-  only the columns *before* the window, `avg_pool1d(scores[..., :n-w], 5, padding=2)` with the default
-  `count_include_pad=True`: the first two and the last two pre-window positions are averaged with zero
-  padding (always divided by 5). kvframe's `snapkv` scorer pools over *all* slots, window columns included,
-  with `count_include_pad=False`, and only then sets the window to `+inf`. So in kvframe the two pre-window
-  tokens next to the window (positions `n-w-2`, `n-w-1`) are averaged with the window's high recent-token
-  attention instead of zeros, and positions 0-1 are divided by 3-4 instead of 5; both get larger scores and
-  are kept more often, each displacing the lowest-ranked token kvpress keeps. The measured differences are
-  exactly these positions (list above). Everything else (window queries' softmax over all keys with causal
-  masking, mean over the window queries, mean over the GQA group; pooling and group averaging commute) is
-  the same. kvframe's card and scorer docstring say the pooling is "as in kvpress"; matching it exactly
-  would mean pooling the pre-window scores alone with zero padding counted.
+- **SnapKV pooling at the edges (found by this benchmark, fixed in kvframe).** kvpress (like the original
+  SnapKV code) pools only the columns *before* the window, `avg_pool1d(scores[..., :n-w], 5, padding=2)` with
+  the default `count_include_pad=True`. kvframe's `snapkv` scorer used to pool over all slots, window
+  included, with `count_include_pad=False`, so the two tokens next to the window and tokens 0-1 scored higher
+  (the only differing positions in the first run: {{0, 1, n-w-2, n-w-1}}, agreement 0.9998). It now pools the
+  pre-window scores alone with zero padding counted (`tests/test_compress.py` checks it against this
+  formula), and the kept sets agree on every head.
 - **TOVA's last token.** kvpress scores only the first `n-1` keys and pads the last token with `max + 1`, so the
   last token is always kept; kvframe scores the last token by its own (averaged) attention, so it is kept only
   if it ranks in the top `n_kept` (it usually does: it attends strongly to itself). Both average over all 9
