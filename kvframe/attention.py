@@ -270,9 +270,13 @@ def apply_compression(cache: SlotCache, layer: SlotLayer, layer_idx: int, ctx: C
     comp = cache.compressor
     state = layer.state
     assert state is not None
-    t0 = time.perf_counter()
+    # wall-clock timing is host-side bookkeeping: skipped while torch.compile traces a compiled model
+    # forward (it would only break the graph; the traced code runs later, untimed)
+    timed = not torch.compiler.is_compiling()
+    t0 = time.perf_counter() if timed else 0.0
     new_state, compressed = comp.compress_step(state, ctx)
-    cache.compression_seconds += time.perf_counter() - t0
+    if timed:
+        cache.compression_seconds += time.perf_counter() - t0
     if compressed:
         if comp.positions == "reindex":
             assert layer.next_position is not None
