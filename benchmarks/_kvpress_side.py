@@ -49,7 +49,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
-import kvpress  # noqa: E402
 from kvpress import KnormPress, ObservedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress  # noqa: E402
 from kvpress.utils import compute_n_kept  # noqa: E402
 

@@ -15,29 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-import torch
-
 import kvframe
-from kvframe.attach import cache_argument
 from kvframe.models import load_model
 from kvframe.tasks.passkey import make_passkey_samples
 
-from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import timed_prefill  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _machine import machine  # noqa: E402
 
 METHODS = ["full", "streaming_llm", "knorm", "snapkv", "h2o", "tova", "pyramidkv", "adakv"]
 BUDGETS = [0.5, 0.25]
-
-
-def prefill(model, comp, ids):
-    with torch.no_grad(), kvframe.attach(model, comp) as h:
-        cache = h.new_cache()
-        t0 = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-        dt = time.perf_counter() - t0
-    return dt, cache
 
 
 def main() -> None:
@@ -57,9 +45,9 @@ def main() -> None:
             times = []
             for _ in range(args.repeats):
                 # interleave a full prefill with each measurement so the ratio is side by side
-                full_t, full_cache = prefill(model, kvframe.build("full"), ids)
+                full_t, full_cache = timed_prefill(model, kvframe.build("full"), ids)
                 full_times.append(full_t)
-                t, cache = prefill(model, comp, ids)
+                t, cache = timed_prefill(model, comp, ids)
                 times.append(t / full_t)
             mem, fmem = cache.memory(), full_cache.memory()
             rows.append({

@@ -33,10 +33,10 @@ import kvframe
 from kvframe.policies.base import CompressionContext
 from kvframe.slots import SlotState
 
-from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import builtin_cards  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _machine import machine  # noqa: E402
 from _synthetic import synthetic_inputs  # noqa: E402
 
-REGISTRY = Path(__file__).resolve().parents[1] / "registry"
 # pair-merging cards protect sinks and merge adjacent pairs: a one-shot 50% is out of their reach
 BUDGET = {"asymkv": 0.75, "asymkv_disjoint": 0.8, "kvslimmer": 0.75}
 QUICK = ["snapkv", "knorm", "weightedkv", "kvslimmer"]
@@ -126,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.repeats = 512, 3
-    methods = args.methods or (QUICK if args.quick else sorted(p.stem for p in REGISTRY.glob("*.yaml") if p.stem != "full"))
+    methods = args.methods or (QUICK if args.quick else builtin_cards())
     device = torch.device(args.device)
     cache_dir = tempfile.mkdtemp(prefix="kvframe-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # cold compile: honest first-call cost

@@ -42,11 +42,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import kvframe  # noqa: E402
-from kvframe.attach import cache_argument  # noqa: E402
 from kvframe.models import load_model, smollm2_cache_path  # noqa: E402
 from kvframe.tasks.passkey import make_passkey_samples  # noqa: E402
 
-from _machine import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import timed_prefill  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _machine import machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-kvpress"
@@ -114,15 +114,6 @@ class KVPressSide:
 
 
 # -- the kvframe side ----------------------------------------------------------------------------
-def kvframe_prefill(model, comp, ids) -> tuple[float, object]:
-    with torch.no_grad(), kvframe.attach(model, comp) as h:
-        cache = h.new_cache()
-        t0 = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-        dt = time.perf_counter() - t0
-    return dt, cache
-
-
 def kvframe_kept(cache) -> tuple[list[list[list[int]]], list[list[int]]]:
     """Per layer and KV head, the kept token positions (valid slots) and their counts (batch row 0)."""
     kept, counts = [], []
@@ -205,7 +196,7 @@ def main() -> None:
         side.ask(op="prefill", press=None)
         if "observed_attention" in args.presses:
             side.ask(op="prefill", press=None, attn="eager")
-        kvframe_prefill(model, kvframe.build("full"), ids)
+        timed_prefill(model, kvframe.build("full"), ids)
 
         rows = []
         for press in args.presses:
@@ -223,8 +214,8 @@ def main() -> None:
                     t["kvpress_with"].append(res["seconds"])
                     if r == 0:
                         theirs, verified, their_lengths = res["kept"], res["verified"], res["cache_lengths"]
-                    ft, _ = kvframe_prefill(model, full, ids)
-                    ct, cache = kvframe_prefill(model, comp, ids)
+                    ft, _ = timed_prefill(model, full, ids)
+                    ct, cache = timed_prefill(model, comp, ids)
                     t["kvframe_full"].append(ft)
                     t["kvframe_card"].append(ct)
                     if r == 0:

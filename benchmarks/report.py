@@ -40,7 +40,7 @@ def overhead(d: dict) -> list[str]:
     rows = [r for r in d["rows"] if "ratio" in r]
     tokens = sorted({r["tokens"] for r in rows})
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
-    out = [f"### Compression overhead: (prefill + compression) / prefill, SmolLM2-135M fp32", "",
+    out = ["### Compression overhead: (prefill + compression) / prefill, SmolLM2-135M fp32", "",
            f"Machine: {_machine(d)}. `benchmarks/overhead.py`; each compressed prefill is divided by the plain "
            "prefills measured around it. Chunked methods (asymkv, kvslimmer) include their scoring passes.", ""]
     for b in budgets:

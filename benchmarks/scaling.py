@@ -46,16 +46,12 @@ import kvframe
 from kvframe.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _common import builtin_cards  # noqa: E402
+from _machine import choose_threads, machine  # noqa: E402
 from _synthetic import synthetic_inputs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = {"layer_idx": 15, "num_layers": 30}  # a middle layer of SmolLM2 (only pyramidkv's budget depends on it)
-
-
-def all_methods() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "registry").glob("*.yaml") if p.stem != "full")
 
 
 def fit_alpha(ts: list[int], times: list[float]) -> float | None:
@@ -88,24 +84,6 @@ def build_case(name: str, mode: str, t: int, budget: float, seed: int):
     raise RuntimeError(f"{name}: no feasible budget")
 
 
-
-def choose_threads(requested: int | None) -> str:
-    """Set torch's thread count: ``requested`` if given, else 1 when the machine is already busy
-    (1-minute load average above cores - 0.5: a second OpenMP thread that keeps losing its core makes
-    every parallel op wait, measured 25x slower decode steps on a shared 2-core box), else torch's own
-    choice. Returns the reason, recorded with the results."""
-    import os
-
-    if requested:
-        torch.set_num_threads(requested)
-        return f"--threads {requested}"
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if cores > 1 and load > cores - 0.5:
-        torch.set_num_threads(1)
-        return f"auto: 1 (load average {load:.1f} on {cores} cores before the run)"
-    return f"auto: torch default {torch.get_num_threads()} (load average {load:.1f} on {cores} cores)"
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", nargs="*", type=int, default=[512, 1024, 2048, 4096, 8192])
@@ -123,7 +101,7 @@ def main() -> None:
     if args.quick:
         args.tokens = [t for t in args.tokens if t <= 2048] or [512, 1024, 2048]
         args.repeats = min(args.repeats, 3)
-    methods = args.methods or all_methods()
+    methods = args.methods or builtin_cards()
     torch.manual_seed(0)
     t_start = time.perf_counter()
     raw: dict[str, dict[str, dict[str, list[float]]]] = {m: {mode: {} for mode in args.modes} for m in methods}
