@@ -77,3 +77,8 @@ def use_triton(t: torch.Tensor) -> bool:
         f"kernel backend 'triton' on a {t.device.type} tensor needs TRITON_INTERPRET=1 (Triton's CPU interpreter), "
         "set before triton is imported; accepted otherwise: CUDA tensors, or backend 'torch'/'auto'"
     )
+
+
+def norm_window(sliding_window: int | None) -> int | None:
+    """A sliding window as the ops take it: ``None`` for none (``None`` or negative given)."""
+    return None if sliding_window is None or sliding_window < 0 else int(sliding_window)

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvframe.kernels import interpreting
+from kvframe.kernels._triton_common import load_query_rows, logits_tile, online_softmax_step
 
 
 @triton.jit
@@ -62,13 +63,7 @@ def _decode_kernel(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    q = tl.load(
-        Q + b * sqb + (h * G + g)[:, None] * sqh + i[:, None] * sqi + offs_d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if F32_DOT:
-        q = q.to(tl.float32)
+    q = load_query_rows(Q, b, h, G, g, i, offs_d, d_ok, row_ok, sqb, sqh, sqi, sqd, F32_DOT)
     qp = tl.load(QPOS + b * sqpb + h * sqph + i * sqpi, mask=row_ok, other=0)
 
     s_start = pid_s * S_PER_SPLIT
@@ -85,30 +80,11 @@ def _decode_kernel(
     for s0 in range(s_start, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = offs_s < s_end
-        k = tl.load(k_base + offs_s[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None] & s_ok[None, :], other=0.0)
-        if F32_DOT:
-            qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-        else:
-            qk = tl.dot(q, k, out_dtype=tl.float32)
-        lw = tl.load(w_base + offs_s * sws, mask=s_ok, other=0.0).to(tl.float32)
-        pos = tl.load(p_base + offs_s * sps, mask=s_ok, other=0)
-        val = tl.load(m_base + offs_s * sms, mask=s_ok, other=0) != 0
-        vis = (val & s_ok)[None, :] & (pos[None, :] <= qp[:, None])
-        if HAS_WINDOW:
-            vis = vis & ((qp[:, None] - pos[None, :]) < window)
-        logits = tl.where(vis, qk * scale + lw[None, :], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(logits - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_s[:, None] * svs + offs_dv[None, :] * svd, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
-        if F32_DOT:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        logits = logits_tile(
+            q, k_base, w_base, p_base, m_base, qp, offs_s, s_ok, offs_d, d_ok,
+            sks, skd, sws, sps, sms, scale, window, HAS_WINDOW, F32_DOT, False,
+        )
+        m_i, l_i, acc = online_softmax_step(logits, m_i, l_i, acc, v_base, offs_s, s_ok, offs_dv, dv_ok, svs, svd, F32_DOT)
 
     # rows that saw nothing in this range: the same range again, every slot visible
     seen = l_i > 0
@@ -120,25 +96,11 @@ def _decode_kernel(
         for s0 in range(s_start, s_end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             s_ok = offs_s < s_end
-            k = tl.load(k_base + offs_s[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None] & s_ok[None, :], other=0.0)
-            if F32_DOT:
-                qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-            else:
-                qk = tl.dot(q, k, out_dtype=tl.float32)
-            lw = tl.load(w_base + offs_s * sws, mask=s_ok, other=0.0).to(tl.float32)
-            logits = tl.where(s_ok[None, :], qk * scale + lw[None, :], float("-inf"))
-            m_new = tl.maximum(m2, tl.max(logits, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m2 - m_safe)
-            p = tl.exp(logits - m_safe[:, None])
-            l2 = l2 * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + offs_s[:, None] * svs + offs_dv[None, :] * svd, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
-            if F32_DOT:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-            acc2 = acc2 * alpha[:, None] + pv
-            m2 = m_new
+            logits = logits_tile(
+                q, k_base, w_base, p_base, m_base, qp, offs_s, s_ok, offs_d, d_ok,
+                sks, skd, sws, sps, sms, scale, window, HAS_WINDOW, F32_DOT, True,
+            )
+            m2, l2, acc2 = online_softmax_step(logits, m2, l2, acc2, v_base, offs_s, s_ok, offs_dv, dv_ok, svs, svd, F32_DOT)
     m_i = tl.where(seen, m_i, m2)
     l_i = tl.where(seen, l_i, l2)
     acc = tl.where(seen[:, None], acc, acc2)

@@ -22,26 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kvframe.kernels import interpreting
-
-
-@triton.jit
-def _logits_tile(
-    q, k_base, lw_base, pos_base, val_base, qp, offs_t, t_ok, offs_d, d_ok,
-    skt, skd, swt, spt, smt, scale, window,
-    HAS_WINDOW: tl.constexpr, F32_DOT: tl.constexpr,
-):
-    k = tl.load(k_base + offs_t[None, :] * skt + offs_d[:, None] * skd, mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-    if F32_DOT:
-        qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-    else:
-        qk = tl.dot(q, k, out_dtype=tl.float32)
-    lw = tl.load(lw_base + offs_t * swt, mask=t_ok, other=0.0).to(tl.float32)
-    pos = tl.load(pos_base + offs_t * spt, mask=t_ok, other=0)
-    val = tl.load(val_base + offs_t * smt, mask=t_ok, other=0) != 0
-    vis = (val & t_ok)[None, :] & (pos[None, :] <= qp[:, None])
-    if HAS_WINDOW:
-        vis = vis & ((qp[:, None] - pos[None, :]) < window)
-    return tl.where(vis, qk * scale + lw[None, :], float("-inf"))
+from kvframe.kernels._triton_common import load_query_rows, logits_tile
 
 
 @triton.jit
@@ -70,22 +51,16 @@ def _window_lse_kernel(
     i = (rows % W).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * sqb + (h * G + g)[:, None] * sqh + i[:, None] * sqi + offs_d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if F32_DOT:
-        q = q.to(tl.float32)
+    q = load_query_rows(Q, b, h, G, g, i, offs_d, d_ok, row_ok, sqb, sqh, sqi, sqd, F32_DOT)
     qp = tl.load(QPOS + b * sqpb + i * sqpi, mask=row_ok, other=0)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
-        logits = _logits_tile(
+        logits = logits_tile(
             q, K + b * skb + h * skh, LW + b * swb + h * swh, POS + b * spb + h * sph, VALID + b * smb + h * smh,
-            qp, offs_t, t_ok, offs_d, d_ok, skt, skd, swt, spt, smt, scale, window, HAS_WINDOW, F32_DOT,
+            qp, offs_t, t_ok, offs_d, d_ok, skt, skd, swt, spt, smt, scale, window, HAS_WINDOW, F32_DOT, False,
         )
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -126,21 +101,15 @@ def _window_sum_kernel(
         row_ok = rows < G * W
         g = (rows // W).to(tl.int64)
         i = (rows % W).to(tl.int64)
-        q = tl.load(
-            Q + b * sqb + (h * G + g)[:, None] * sqh + i[:, None] * sqi + offs_d[None, :] * sqd,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if F32_DOT:
-            q = q.to(tl.float32)
+        q = load_query_rows(Q, b, h, G, g, i, offs_d, d_ok, row_ok, sqb, sqh, sqi, sqd, F32_DOT)
         qp = tl.load(QPOS + b * sqpb + i * sqpi, mask=row_ok, other=0)
         qv = tl.load(QVALID + b * sqvb + i * sqvi, mask=row_ok, other=0) != 0
         lse = tl.load(LSE + pid_bh.to(tl.int64) * (G * W) + rows, mask=row_ok, other=float("-inf"))
         use = row_ok & qv & (lse != float("-inf"))
         lse = tl.where(use, lse, 0.0)
-        logits = _logits_tile(
+        logits = logits_tile(
             q, K + b * skb + h * skh, LW + b * swb + h * swh, POS + b * spb + h * sph, VALID + b * smb + h * smh,
-            qp, offs_t, t_ok, offs_d, d_ok, skt, skd, swt, spt, smt, scale, window, HAS_WINDOW, F32_DOT,
+            qp, offs_t, t_ok, offs_d, d_ok, skt, skd, swt, spt, smt, scale, window, HAS_WINDOW, F32_DOT, False,
         )
         p = tl.where(use[:, None], tl.exp(logits - lse[:, None]), 0.0)
         acc += tl.sum(p, axis=0)

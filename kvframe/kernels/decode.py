@@ -31,17 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvframe.errors import ConfigError
-from kvframe.kernels import use_triton
+from kvframe.kernels import norm_window, use_triton
 
 #: Dtypes the Triton kernel takes (it computes in fp32); float64 inputs always run the torch reference.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: ``_attend`` routes passes with at most this many queries per row (decoding) through the op.
 DECODE_MAX_QUERIES = 4
-
-
-def _norm_window(sliding_window: Optional[int]) -> Optional[int]:
-    return None if sliding_window is None or sliding_window < 0 else int(sliding_window)
 
 
 def slot_attention_reference(
@@ -60,7 +56,7 @@ def slot_attention_reference(
     When ``positions``, ``valid`` and ``log_weights`` are shared by all heads (``[B, 1, S]``) and
     the log-weights are all zero, the mask is boolean; otherwise additive (``log_weight`` where
     visible, the dtype's minimum elsewhere)."""
-    sliding_window = _norm_window(sliding_window)
+    sliding_window = norm_window(sliding_window)
     b, hq, q, d = query.shape
     h = keys.shape[1]
     g = hq // h
@@ -102,7 +98,7 @@ def slot_decode_attention_op(
         from kvframe.kernels import _triton_decode
 
         return _triton_decode.slot_decode_attention_triton(
-            query, keys, values, log_weights, positions, valid, query_positions, scaling, _norm_window(sliding_window)
+            query, keys, values, log_weights, positions, valid, query_positions, scaling, norm_window(sliding_window)
         )
     return slot_attention_reference(query, keys, values, log_weights, positions, valid, query_positions, scaling, sliding_window)
 
@@ -159,5 +155,5 @@ def slot_decode_attention(
     if valid.dtype != torch.bool:
         raise ConfigError(f"slot_decode_attention: valid must be bool; got {valid.dtype}")
     return slot_decode_attention_op(
-        query, keys, values, log_weights, positions, valid, query_positions.long(), scaling, _norm_window(sliding_window)
+        query, keys, values, log_weights, positions, valid, query_positions.long(), scaling, norm_window(sliding_window)
     )

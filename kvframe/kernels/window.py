@@ -32,17 +32,13 @@ import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
-from kvframe.kernels import use_triton
+from kvframe.kernels import norm_window, use_triton
 
 #: Dtypes the Triton kernel takes (it computes in fp32); float64 inputs always run the torch reference.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Float32 probabilities the torch reference materialises at once (256 MiB).
 REFERENCE_CHUNK_ELEMENTS = 1 << 26
-
-
-def _norm_window(sliding_window: Optional[int]) -> Optional[int]:
-    return None if sliding_window is None or sliding_window < 0 else int(sliding_window)
 
 
 def window_scores_reference(
@@ -57,7 +53,7 @@ def window_scores_reference(
     sliding_window: Optional[int],
 ) -> Tensor:
     """The torch reference of ``kvframe::window_scores`` (see the module docstring)."""
-    sliding_window = _norm_window(sliding_window)
+    sliding_window = norm_window(sliding_window)
     b, hq, w, d = queries.shape
     h, t = keys.shape[1], keys.shape[2]
     g = hq // h
@@ -102,7 +98,7 @@ def window_scores_op(
         from kvframe.kernels import _triton_window
 
         return _triton_window.window_scores_triton(
-            queries, keys, log_weights, positions, valid, query_positions, query_valid, scaling, _norm_window(sliding_window)
+            queries, keys, log_weights, positions, valid, query_positions, query_valid, scaling, norm_window(sliding_window)
         )
     return window_scores_reference(queries, keys, log_weights, positions, valid, query_positions, query_valid, scaling, sliding_window)
 
@@ -174,5 +170,5 @@ def window_scores(
         query_positions.to(device=device, dtype=torch.int64),
         query_valid.to(device=device, dtype=torch.bool),
         scale,
-        _norm_window(sliding_window),
+        norm_window(sliding_window),
     )
