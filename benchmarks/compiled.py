@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 import kvframe
-from kvframe.policies.base import CompressionContext
-from kvframe.slots import SlotState
+from kvframe.api import compression_inputs
 
 from _common import builtin_cards  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _machine import machine  # noqa: E402
@@ -42,26 +41,14 @@ BUDGET = {"asymkv": 0.75, "asymkv_disjoint": 0.8, "kvslimmer": 0.75}
 QUICK = ["snapkv", "knorm", "weightedkv", "kvslimmer"]
 
 
-def _state_ctx(comp, kw, device):
-    state = SlotState.from_tensors(kw["keys"].to(device), kw["values"].to(device))
-    if kw.get("stats"):
-        state = state.with_stats(**{k: v.to(device) for k, v in kw["stats"].items()})
-    ctx_kw = dict(strict=False, step=1)
-    if "queries" in kw:
-        q = kw["queries"].to(device)
-        t = state.num_slots
-        nq = q.shape[2]
-        ctx_kw.update(queries=q, query_positions=torch.arange(t - nq, t, device=device)[None],
-                      query_valid=torch.ones(1, nq, dtype=torch.bool, device=device))
-    return state, ctx_kw
-
-
-def _call(comp, state, ctx_kw, device):
-    ctx = CompressionContext(generator=torch.Generator(device=device).manual_seed(comp.seed), **ctx_kw)
+def _call(comp, kw, device):
+    """Time one trigger firing (``compress_step``) on ``kw``, the inputs ``kvframe.compress`` takes;
+    step 1, as a firing after the first (KVSlimmer smooths its statistics across steps)."""
+    state, ctx = compression_inputs(comp, step=1, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out, fired = comp.compress_step(state, ctx)
+    out, _ = comp.compress_step(state, ctx)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
@@ -72,9 +59,9 @@ def compare(name: str, tokens: int, repeats: int, device: torch.device) -> dict:
     eager = kvframe.build(name, budget=budget, compile=False)
     compiled = kvframe.build(name, budget=budget, compile=True)
     kw = synthetic_inputs(eager, tokens, n_queries=None if name.startswith("h2o") else 64)
-    state, ctx_kw = _state_ctx(eager, kw, device)
-    ref, _ = _call(eager, state, ctx_kw, device)  # warm-up eager
-    out, first = _call(compiled, state, ctx_kw, device)  # compiles
+    kw = {k: ({n: t.to(device) for n, t in v.items()} if k == "stats" else v.to(device)) for k, v in kw.items()}
+    ref, _ = _call(eager, kw, device)  # warm-up eager
+    out, first = _call(compiled, kw, device)  # compiles
     same_kept = bool(torch.equal(ref.positions, out.positions) and torch.equal(ref.valid, out.valid))
     diff = max(
         float((ref.keys.float() - out.keys.float()).abs().max()),
@@ -83,8 +70,8 @@ def compare(name: str, tokens: int, repeats: int, device: torch.device) -> dict:
     ) if same_kept else float("nan")
     te, tc = [], []
     for _ in range(repeats):
-        te.append(_call(eager, state, ctx_kw, device)[1])
-        tc.append(_call(compiled, state, ctx_kw, device)[1])
+        te.append(_call(eager, kw, device)[1])
+        tc.append(_call(compiled, kw, device)[1])
     me, mc = statistics.median(te), statistics.median(tc)
     return {"method": name, "budget": budget, "tokens": tokens, "first_compiled_call_s": first,
             "eager_s": me, "compiled_s": mc, "speedup": me / mc, "same_kept": same_kept, "max_abs_diff": diff,

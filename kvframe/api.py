@@ -39,7 +39,7 @@ class CompressResult:
         return self.valid.sum(-1)
 
 
-def compress(
+def compression_inputs(
     compressor: Compressor,
     keys: Tensor,
     values: Tensor,
@@ -53,16 +53,9 @@ def compress(
     scaling: float | None = None,
     stats: dict[str, Tensor] | None = None,
     step: int = 0,
-) -> CompressResult:
-    """Compress standalone ``keys``/``values`` ``[B, H, T, D]`` with ``compressor``.
-
-    ``queries`` ``[B, H_q, Q, D]`` are the queries of the pass (the last ``Q`` tokens, positions
-    ``T-Q..T-1`` unless ``positions`` says otherwise); scorers that read attention need them.
-    ``valid`` ``[B, T]`` or ``[B, H, T]`` marks padding (false). ``stats`` are per-slot statistics
-    ``[B, H, T]`` or ``[B, H, T, D]`` put on the slots (e.g. ``window_attn``, ``grad``, see
-    :mod:`kvframe.stats`); ``step`` is the number of earlier trigger firings (``ctx.step``).
-    Returns the kept slots.
-    """
+) -> tuple[SlotState, CompressionContext]:
+    """The :class:`SlotState` and :class:`CompressionContext` that :func:`compress` runs the compressor
+    on (arguments as there), for callers that drive ``Compressor.compress_step`` themselves."""
     if not isinstance(compressor, Compressor):
         raise ConfigError(f"compress needs a kvframe Compressor (see kvframe.build); got {type(compressor).__name__}")
     state = SlotState.from_tensors(keys, values, positions=positions, log_weights=log_weights, valid=valid)
@@ -99,6 +92,37 @@ def compress(
         strict=not compressor.trigger.capacity,
         step=step,
         generator=torch.Generator(device=keys.device).manual_seed(compressor.seed),
+    )
+    return state, ctx
+
+
+def compress(
+    compressor: Compressor,
+    keys: Tensor,
+    values: Tensor,
+    queries: Tensor | None = None,
+    *,
+    positions: Tensor | None = None,
+    valid: Tensor | None = None,
+    log_weights: Tensor | None = None,
+    layer_idx: int = 0,
+    num_layers: int = 1,
+    scaling: float | None = None,
+    stats: dict[str, Tensor] | None = None,
+    step: int = 0,
+) -> CompressResult:
+    """Compress standalone ``keys``/``values`` ``[B, H, T, D]`` with ``compressor``.
+
+    ``queries`` ``[B, H_q, Q, D]`` are the queries of the pass (the last ``Q`` tokens, positions
+    ``T-Q..T-1`` unless ``positions`` says otherwise); scorers that read attention need them.
+    ``valid`` ``[B, T]`` or ``[B, H, T]`` marks padding (false). ``stats`` are per-slot statistics
+    ``[B, H, T]`` or ``[B, H, T, D]`` put on the slots (e.g. ``window_attn``, ``grad``, see
+    :mod:`kvframe.stats`); ``step`` is the number of earlier trigger firings (``ctx.step``).
+    Returns the kept slots.
+    """
+    state, ctx = compression_inputs(
+        compressor, keys, values, queries, positions=positions, valid=valid, log_weights=log_weights,
+        layer_idx=layer_idx, num_layers=num_layers, scaling=scaling, stats=stats, step=step,
     )
     out = compressor.compress(state, ctx)
     return CompressResult(out.keys, out.values, out.positions, out.log_weights, out.valid, out)

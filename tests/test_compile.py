@@ -19,7 +19,7 @@ import kvframe
 from kvframe.compressor import check_compile
 from kvframe.errors import ConfigError
 from kvframe.models import tiny_model
-from kvframe.policies.base import CompressionContext
+from kvframe.api import compression_inputs
 from kvframe.slots import SlotState
 
 REGISTRY = Path(__file__).resolve().parents[1] / "registry"
@@ -30,25 +30,26 @@ BUDGET = {"asymkv": 0.75, "asymkv_disjoint": 0.8, "kvslimmer": 0.75}
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _inputs(t: int, seed: int = 0, q: int = 16) -> tuple[SlotState, dict]:
+def _inputs(t: int, seed: int = 0, q: int = 16) -> dict:
+    """Keyword arguments of ``kvframe.compress`` (and ``compression_inputs``): T random slots, the
+    last ``q`` queries, and every framework statistic a card may read."""
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(1, 3, t, 32, generator=g)
-    v = torch.randn(1, 3, t, 32, generator=g)
-    qs = torch.randn(1, 6, q, 32, generator=g)
-    state = SlotState.from_tensors(k, v).with_stats(
-        attn=torch.rand(1, 3, t, generator=g),
-        age=torch.randint(1, 9, (1, 3, t), generator=g).float(),
-        window_attn=torch.rand(1, 3, t, generator=g),
-        grad=torch.randn(1, 3, t, 32, generator=g),
+    return dict(
+        keys=torch.randn(1, 3, t, 32, generator=g),
+        values=torch.randn(1, 3, t, 32, generator=g),
+        queries=torch.randn(1, 6, q, 32, generator=g),
+        stats=dict(
+            attn=torch.rand(1, 3, t, generator=g),
+            age=torch.randint(1, 9, (1, 3, t), generator=g).float(),
+            window_attn=torch.rand(1, 3, t, generator=g),
+            grad=torch.randn(1, 3, t, 32, generator=g),
+        ),
     )
-    ctx = dict(queries=qs, query_positions=torch.arange(t - q, t)[None], query_valid=torch.ones(1, q, dtype=torch.bool),
-               strict=False, step=1)
-    return state, ctx
 
 
-def _run(comp, state, ctx_kw):
-    ctx = CompressionContext(generator=torch.Generator().manual_seed(comp.seed), **ctx_kw)
-    return comp.compress_step(state, ctx)
+def _run(comp, kw):
+    """One trigger firing (a second one: step 1) on fresh state and context built from ``kw``."""
+    return comp.compress_step(*compression_inputs(comp, step=1, **kw))
 
 
 def _assert_same(a: SlotState, b: SlotState) -> None:
@@ -68,9 +69,9 @@ def test_compiled_equals_eager_for_every_method(name):
     eager = kvframe.build(name, budget=budget, compile=False)
     compiled = kvframe.build(name, budget=budget, compile={"backend": "aot_eager"})
     for t in (61, 100, 137):  # odd and growing lengths
-        state, ctx = _inputs(t, seed=t)
-        a, fired_a = _run(eager, state, ctx)
-        b, fired_b = _run(compiled, state, ctx)
+        kw = _inputs(t, seed=t)
+        a, fired_a = _run(eager, kw)
+        b, fired_b = _run(compiled, kw)
         assert fired_a == fired_b
         _assert_same(a, b)
 
@@ -85,8 +86,7 @@ def test_growing_lengths_do_not_recompile(name):
     lengths = (64, 90, 131, 200, 257, 333)
     frames = []
     for t in lengths:
-        state, ctx = _inputs(t, seed=t)
-        _run(comp, state, ctx)
+        _run(comp, _inputs(t, seed=t))
         frames.append(counter.frame_count)
     assert frames[0] > 0
     assert frames[-1] == frames[1], f"recompiled while lengths grew: frames after each length {frames}"
@@ -101,8 +101,7 @@ def test_eager_switch_and_auto():
     assert not auto.compiles_on(torch.device("cpu")) and auto.compiles_on(torch.device("cuda"))
     assert kvframe.build("snapkv", compile=True).compiles_on(torch.device("cpu"))
     # eager runs never touch torch.compile
-    state, ctx = _inputs(50)
-    _run(comp, state, ctx)
+    _run(comp, _inputs(50))
     assert comp._compiled is None
     assert kvframe.build("snapkv", compile={"backend": "aot_eager", "mode": None}).to_dict()["compile"] == {
         "backend": "aot_eager",
@@ -137,8 +136,7 @@ def test_compressor_pickles_without_compiled_code():
     import pickle
 
     comp = kvframe.build("knorm", compile={"backend": "aot_eager"})
-    state, ctx = _inputs(40)
-    _run(comp, state, ctx)
+    _run(comp, _inputs(40))
     assert comp._compiled is not None
     clone = pickle.loads(pickle.dumps(comp))
     assert clone._compiled is None and clone.compile == {"backend": "aot_eager"}
@@ -188,5 +186,5 @@ def test_inductor_matches_eager(tmp_path, monkeypatch):
     eager = kvframe.build("snapkv", compile=False)
     compiled = kvframe.build("snapkv", compile=True)
     for t in (120, 211):
-        state, ctx = _inputs(t, seed=t)
-        _assert_same(_run(eager, state, ctx)[0], _run(compiled, state, ctx)[0])
+        kw = _inputs(t, seed=t)
+        _assert_same(_run(eager, kw)[0], _run(compiled, kw)[0])
