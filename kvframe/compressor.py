@@ -28,7 +28,6 @@ from kvframe.policies.budgets import check_budget
 from kvframe.slots import SlotState
 
 POSITION_MODES = ("original", "reindex")
-COMPILE_MODES = ("auto", True, False)
 COMPILE_OPTIONS = ("backend", "mode", "dynamic")
 
 
@@ -55,7 +54,7 @@ def check_compile(value: Any) -> bool | str | dict[str, Any]:
         if not isinstance(opts.get("dynamic", True), bool):
             raise ConfigError(f"compile.dynamic={opts['dynamic']!r}; accepted: true or false")
         return opts
-    if value in COMPILE_MODES and (isinstance(value, bool) or value == "auto"):
+    if isinstance(value, bool) or value == "auto":
         return value
     raise ConfigError(
         f"compile={value!r}; accepted: auto (compiled on CUDA, eager on CPU), true, false (eager), "
