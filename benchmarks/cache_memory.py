@@ -18,8 +18,8 @@ import statistics
 from pathlib import Path
 
 import kvframe
-from kvframe.models import load_model
-from kvframe.tasks.passkey import make_passkey_samples
+from kvframe.eval.models import load_model
+from kvframe.eval.tasks.passkey import make_passkey_samples
 
 from _common import timed_prefill  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _machine import machine  # noqa: E402

@@ -53,8 +53,8 @@ import torch
 import kvframe
 from kvframe.attach import cache_argument
 from kvframe.attention import apply_compression, compression_context
-from kvframe.models import load_model
-from kvframe.tasks.passkey import make_passkey_samples
+from kvframe.eval.models import load_model
+from kvframe.eval.tasks.passkey import make_passkey_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import choose_threads, machine  # noqa: E402

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import kvframe  # noqa: E402
-from kvframe.models import load_model, smollm2_cache_path  # noqa: E402
-from kvframe.tasks.passkey import make_passkey_samples  # noqa: E402
+from kvframe.eval.models import load_model, smollm2_cache_path  # noqa: E402
+from kvframe.eval.tasks.passkey import make_passkey_samples  # noqa: E402
 
 from _common import timed_prefill  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _machine import machine  # noqa: E402
@@ -249,7 +249,7 @@ def main() -> None:
         "command": " ".join([".venv/bin/python", "benchmarks/kvpress_compare.py", *sys.argv[1:]]),
         "machine": machine(),
         "model": "SmolLM2-135M-Instruct fp32 (kvframe's converted checkpoint), CPU",
-        "input": {"source": "kvframe.tasks.passkey.make_passkey_samples(tok, n=1, length=tokens+64, seed=0)[0].context, first tokens",
+        "input": {"source": "kvframe.eval.tasks.passkey.make_passkey_samples(tok, n=1, length=tokens+64, seed=0)[0].context, first tokens",
                   "tokens": n},
         "settings": {"repeats": args.repeats, "budgets": args.budgets, "quick": args.quick, "snapkv_window": SNAPKV_WINDOW,
                      "snapkv_kernel": SNAPKV_KERNEL, "n_sink": N_SINK},

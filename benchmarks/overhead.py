@@ -15,7 +15,7 @@ Reported per method and length:
 - ``compress_share``: ``cache.compression_seconds`` (time inside ``Compressor.compress``) over the
   compressed prefill's wall time;
 - ``peak_extra_mb``: peak memory in use above the level before the prefill
-  (:class:`kvframe.lightning_eval.PeakMemory`: glibc heap in use sampled every 5 ms on CPU), for the
+  (:class:`kvframe.eval.generation.PeakMemory`: glibc heap in use sampled every 5 ms on CPU), for the
   method and for the plain prefill, and their ratio;
 - a "KVSlimmer vs AsymKV" block: time and peak-memory ratios of the two at each length (the KVSlimmer
   paper claims -28 % latency and -29 % memory against AsymKV, i.e. ratios 0.72 and 0.71).
@@ -61,9 +61,9 @@ import torch
 
 import kvframe
 from kvframe.attach import cache_argument
-from kvframe.lightning_eval import PeakMemory
-from kvframe.models import load_model
-from kvframe.tasks.passkey import make_passkey_samples
+from kvframe.eval.generation import PeakMemory
+from kvframe.eval.models import load_model
+from kvframe.eval.tasks.passkey import make_passkey_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import builtin_cards  # noqa: E402

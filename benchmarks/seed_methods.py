@@ -11,7 +11,7 @@ Reported per run:
   chunked methods, the scoring passes: AsymKV's backward, KVSlimmer's forward-only pass);
 - ``compress_s``: time inside the compressor itself (``SlotCache.compression_seconds``);
 - ``peak_extra_mb``: peak memory in use during prefill + generation above the level just before it
-  (glibc heap in use, sampled every 5 ms: :class:`kvframe.lightning_eval.PeakMemory`, the figure
+  (glibc heap in use, sampled every 5 ms: :class:`kvframe.eval.generation.PeakMemory`, the figure
   ``kvframe eval`` reports);
 - ``slots``: content slots per layer and head after the prefill, and the cache bytes held;
 - the generated answer and whether it contains the pass key.
@@ -52,9 +52,9 @@ def run_one(method: str, budget: float, tokens: int) -> dict[str, object]:
     import torch
 
     import kvframe
-    from kvframe.lightning_eval import generate_answer
-    from kvframe.models import load_model
-    from kvframe.tasks.passkey_task import PasskeyTask
+    from kvframe.eval.generation import generate_answer
+    from kvframe.eval.models import load_model
+    from kvframe.eval.tasks.passkey_task import PasskeyTask
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m", dtype="float32")

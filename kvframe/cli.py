@@ -51,7 +51,7 @@ def show(name: str, overrides: list[str] | None = None) -> str:
 
 def evaluate(config: str | None = None, overrides: list[str] | None = None) -> Path:
     """Run an evaluation; with no config the built-in default. Returns the run directory."""
-    from kvframe.evaluate import default_config_path, evaluate as run, load_config
+    from kvframe.eval.runner import default_config_path, evaluate as run, load_config
 
     path = config if config is not None else default_config_path()
     cfg = load_config(path, overrides)

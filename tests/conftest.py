@@ -19,7 +19,7 @@ ARCHS = ("llama", "qwen2", "mistral", "gemma3")
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct, fp32, loaded once per session."""
-    from kvframe.models import load_model
+    from kvframe.eval.models import load_model
 
     return load_model("smollm2-135m", dtype="float32")
 
@@ -27,7 +27,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(request):
     """The SmolLM2 tokenizer alone when its converted cache exists, else from the session model."""
-    from kvframe.models import smollm2_cache_path
+    from kvframe.eval.models import smollm2_cache_path
 
     path = smollm2_cache_path()
     if (path / "tokenizer.json").is_file():

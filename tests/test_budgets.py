@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvframe
-from kvframe.models import tiny_model
+from kvframe.testing import tiny_model
 from kvframe.policies.budgets import resolve_budget
 from tests.conftest import left_padded
 
@@ -81,7 +81,7 @@ def test_bytes_shrink_with_budget():
 @pytest.mark.slow
 def test_exact_budget_smollm2_2k(smollm2):
     model, tok = smollm2
-    from kvframe.tasks.passkey import make_passkey_samples
+    from kvframe.eval.tasks.passkey import make_passkey_samples
 
     sample = make_passkey_samples(tok, n=1, length=2048, seed=0)[0]
     ids = tok(sample.context, return_tensors="pt").input_ids[:, :2000]

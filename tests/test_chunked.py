@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 import kvframe
 from kvframe.errors import ConfigError
-from kvframe.models import tiny_model
+from kvframe.testing import tiny_model
 from kvframe.policies.base import CompressionContext, KeyMerge, Selection
 from kvframe.registry import register
 from kvframe.slots import SlotState

@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import kvframe
 from kvframe.compressor import check_compile
 from kvframe.errors import ConfigError
-from kvframe.models import tiny_model
+from kvframe.testing import tiny_model
 from kvframe.api import compression_inputs
 from kvframe.slots import SlotState
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import kvframe
 from kvframe.errors import ConfigError
-from kvframe.models import tiny_model
+from kvframe.testing import tiny_model
 from kvframe.policies.base import Selection
 from kvframe.policies.groups import fold_right, kept_assign
 from kvframe.policies.merge_convex import convex_merge

@@ -12,7 +12,7 @@ import pytest
 
 from kvframe.cli import main
 from kvframe.errors import ConfigError
-from kvframe.evaluate import RESULT_FIELDS, format_table, load_config, validate_results
+from kvframe.eval.runner import RESULT_FIELDS, format_table, load_config, validate_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_ddp_two_cpu_processes_evaluate_each_sample_once(tmp_path):
 
 
 def test_default_config_parses_and_table_formats():
-    cfg = load_config(ROOT / "kvframe" / "configs" / "eval_default.yaml")
+    cfg = load_config(ROOT / "kvframe" / "eval" / "configs" / "eval_default.yaml")
     assert "full" in list(cfg.methods) and len(cfg.budgets) == 2
     row = {k: 0 for k in RESULT_FIELDS}
     row.update(method="full", budget=None, task="passkey", metric="accuracy", value=1.0, samples=3, cache_kv_bytes=2**20)
@@ -89,7 +89,7 @@ def test_default_config_parses_and_table_formats():
 
 
 def test_compile_override_reaches_every_method():
-    from kvframe.evaluate import _make
+    from kvframe.eval.runner import _make
 
     cfg = load_config(None, ["compile=false", "methods=[snapkv, {name: kvslimmer, budgets: [0.5]}]"])
     assert cfg.compile is False
@@ -111,9 +111,9 @@ def test_compile_override_reaches_every_method():
     ],
 )
 def test_bad_config_fails_before_loading_the_model(override, needle, monkeypatch):
-    import kvframe.models
+    import kvframe.eval.models
 
-    monkeypatch.setattr(kvframe.models, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    monkeypatch.setattr(kvframe.eval.models, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(None, override)
 

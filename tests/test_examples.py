@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvframe
-from kvframe.models import tiny_model
+from kvframe.testing import tiny_model
 from tests.conftest import left_padded
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "configs" / "examples").glob("*.yaml"))

@@ -14,9 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 from kvframe.errors import ConfigError  # noqa: E402
-from kvframe.tasks import hub  # noqa: E402
-from kvframe.tasks.base import Sample, content_hash  # noqa: E402
-from kvframe.tasks.hub import (  # noqa: E402
+from kvframe.eval.tasks import hub  # noqa: E402
+from kvframe.eval.tasks.base import Sample, content_hash  # noqa: E402
+from kvframe.eval.tasks.hub import (  # noqa: E402
     LONGBENCH_DATASETS,
     LONGBENCH_MAXLEN,
     LONGBENCH_PROMPTS,
@@ -90,7 +90,7 @@ def test_missing_datasets_is_a_config_error(monkeypatch, tmp_path):
 def test_importing_the_module_does_not_import_datasets():
     import subprocess
 
-    code = "import sys, kvframe.tasks.hub, kvframe.tasks.perplexity; print('datasets' in sys.modules, 'pandas' in sys.modules)"
+    code = "import sys, kvframe.eval.tasks.hub, kvframe.eval.tasks.perplexity; print('datasets' in sys.modules, 'pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
@@ -111,7 +111,7 @@ def test_names_are_validated():
 def test_longbench_tables_cover_the_16_english_datasets():
     assert len(LONGBENCH_DATASETS) == 16
     assert set(LONGBENCH_PROMPTS) == set(LONGBENCH_MAXLEN) == set(LONGBENCH_DATASETS)
-    from kvframe.metrics import LONGBENCH_METRICS
+    from kvframe.eval.metrics import LONGBENCH_METRICS
 
     assert set(LONGBENCH_METRICS) == set(LONGBENCH_DATASETS)
     for ds, (ctx, q) in LONGBENCH_PROMPTS.items():
@@ -338,7 +338,7 @@ def test_parquet_and_split_dict_data_files(tmp_path, cache):
 
 @needs_datasets
 def test_tasks_build_by_name_from_a_config(tmp_path, cache):
-    from kvframe.tasks import make_task
+    from kvframe.eval.tasks import make_task
 
     path = _jsonl(tmp_path / "ib" / "passkey.jsonl", [_ib_row(0, "ctx 123", "What is the pass key?", ["123"])])
     task = make_task({"name": "infinitebench", "subset": "passkey", "data_files": str(path), "cache_dir": cache})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvframe
-from kvframe.models import tiny_model
+from kvframe.testing import tiny_model
 from tests.conftest import ARCHS, left_padded
 
 ATOL = 1e-5

@@ -21,7 +21,7 @@ def snapshot():
         {k: getattr(cache_utils, k) for k in dir(cache_utils)},
     )
 before = snapshot()
-import kvframe, kvframe.cli, kvframe.evaluate
+import kvframe, kvframe.cli, kvframe.eval.runner
 kvframe.build("snapkv")
 after = snapshot()
 assert before == after, "importing kvframe changed transformers"

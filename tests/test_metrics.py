@@ -1,11 +1,11 @@
-"""kvframe.metrics: RULER and LongBench scoring rules on hand-made cases."""
+"""kvframe.eval.metrics: RULER and LongBench scoring rules on hand-made cases."""
 
 from __future__ import annotations
 
 import pytest
 
 from kvframe.errors import ConfigError, UnknownNameError
-from kvframe.metrics import (
+from kvframe.eval.metrics import (
     LONGBENCH_METRICS,
     classification_score,
     code_sim_score,

@@ -1,4 +1,4 @@
-"""Tests for kvframe.models (model resolution, SmolLM2 cache, tiny models)."""
+"""Tests for kvframe.eval.models (model resolution, SmolLM2 cache, tiny models)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvframe import models
-from kvframe.models import (
+from kvframe.eval import models
+from kvframe.eval.models import (
     BUILTIN_MODELS,
-    TINY_ARCHS,
     load_model,
     resolve_dtype,
     resolve_model_name,
-    tiny_model,
 )
+from kvframe.testing import TINY_ARCHS, tiny_model
 
 # ---------------------------------------------------------------------------
 # Name and dtype resolution
@@ -105,7 +104,7 @@ def test_unknown_local_path_raises_clear_error(tmp_path):
 def test_offline_hub_id_raises_clear_error(tmp_path):
     """A Hub id that cannot be fetched offline gives a ValueError naming it."""
     code = (
-        "from kvframe.models import load_model\n"
+        "from kvframe.eval.models import load_model\n"
         "try:\n"
         "    load_model('kvframe-test/no-such-model')\n"
         "except ValueError as e:\n"

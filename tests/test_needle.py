@@ -1,4 +1,4 @@
-"""kvframe.tasks.needle: the length x depth needle grid and its heatmap."""
+"""kvframe.eval.tasks.needle: the length x depth needle grid and its heatmap."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 import pytest
 
 from kvframe.errors import ConfigError
-from kvframe.tasks.base import content_hash
-from kvframe.tasks.needle import DEFAULT_GRID_DEPTHS, NeedleGridTask, make_needle_grid, needle_heatmap
-from kvframe.tasks.ruler import LENGTH_TOLERANCE, PIP_INSTALL_HINT, count_prompt_tokens
+from kvframe.eval.tasks.base import content_hash
+from kvframe.eval.tasks.needle import DEFAULT_GRID_DEPTHS, NeedleGridTask, make_needle_grid, needle_heatmap
+from kvframe.eval.tasks.ruler import LENGTH_TOLERANCE, PIP_INSTALL_HINT, count_prompt_tokens
 
 HAS_DATA = importlib.util.find_spec("long_context_eval") is not None
 needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"RULER inputs not installed ({PIP_INSTALL_HINT})")

@@ -1,4 +1,4 @@
-"""Tests for kvframe.tasks.passkey."""
+"""Tests for kvframe.eval.tasks.passkey."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvframe.tasks.passkey import (
+from kvframe.eval.tasks.passkey import (
     DEFAULT_DEPTHS,
     LENGTH_TOLERANCE,
     QUESTION,

@@ -14,10 +14,10 @@ import torch
 
 import kvframe
 from kvframe.errors import ConfigError
-from kvframe.models import tiny_model
-from kvframe.tasks import perplexity as ppl_mod
-from kvframe.tasks.base import content_hash
-from kvframe.tasks.perplexity import (
+from kvframe.testing import tiny_model
+from kvframe.eval.tasks import perplexity as ppl_mod
+from kvframe.eval.tasks.base import content_hash
+from kvframe.eval.tasks.perplexity import (
     PerplexityTask,
     bucket_perplexity,
     cut_to_tokens,
@@ -219,7 +219,7 @@ def test_bucket_perplexity_hand_case():
 def test_task_score_and_evaluate_on_a_stream():
     task = PerplexityTask(n_samples=1, length=40, prefill=8, buckets=4)
     assert task.kind == "perplexity" and task.metric == "perplexity"
-    sample = kvframe.tasks.base.Sample(id="x", context=" ".join(f"w{i % 90}" for i in range(60)))
+    sample = kvframe.eval.tasks.base.Sample(id="x", context=" ".join(f"w{i % 90}" for i in range(60)))
     tok = WordTokenizer()
     res = task.evaluate(tiny_model("llama"), tok, kvframe.build("full"), sample)
     assert len(res["nll"]) == 32 and res["n_scored"] == 32

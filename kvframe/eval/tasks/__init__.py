@@ -13,19 +13,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvframe.errors import ConfigError, unknown_name
-from kvframe.tasks.base import Sample, Task, content_hash
+from kvframe.eval.tasks.base import Sample, Task, content_hash
 
 #: task name -> "module:Class" (imported lazily: hub tasks need `datasets` only when used)
 TASKS: dict[str, str] = {
-    "passkey": "kvframe.tasks.passkey_task:PasskeyTask",
-    "ruler": "kvframe.tasks.ruler:RulerTask",
-    "needle": "kvframe.tasks.needle:NeedleGridTask",
-    "perplexity": "kvframe.tasks.perplexity:PerplexityTask",
-    "sotu_perplexity": "kvframe.tasks.perplexity:PerplexityTask",
-    "longbench": "kvframe.tasks.hub:LongBenchTask",
-    "ruler_hub": "kvframe.tasks.hub:RulerHubTask",
-    "pg19": "kvframe.tasks.hub:PG19Task",
-    "infinitebench": "kvframe.tasks.hub:InfiniteBenchTask",
+    "passkey": "kvframe.eval.tasks.passkey_task:PasskeyTask",
+    "ruler": "kvframe.eval.tasks.ruler:RulerTask",
+    "needle": "kvframe.eval.tasks.needle:NeedleGridTask",
+    "perplexity": "kvframe.eval.tasks.perplexity:PerplexityTask",
+    "sotu_perplexity": "kvframe.eval.tasks.perplexity:PerplexityTask",
+    "longbench": "kvframe.eval.tasks.hub:LongBenchTask",
+    "ruler_hub": "kvframe.eval.tasks.hub:RulerHubTask",
+    "pg19": "kvframe.eval.tasks.hub:PG19Task",
+    "infinitebench": "kvframe.eval.tasks.hub:InfiniteBenchTask",
 }
 
 

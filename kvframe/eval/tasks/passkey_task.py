@@ -1,4 +1,4 @@
-"""The passkey task (cheap smoke test) as an evaluation :class:`~kvframe.tasks.base.Task`."""
+"""The passkey task (cheap smoke test) as an evaluation :class:`~kvframe.eval.tasks.base.Task`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from kvframe.errors import ConfigError
-from kvframe.tasks.base import Sample, Task
+from kvframe.eval.tasks.base import Sample, Task
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PasskeyTask(Task):
                 raise ConfigError(f"task passkey: depth {d!r} must be in [0, 1]")
 
     def samples(self, tokenizer: Any) -> list[Sample]:
-        from kvframe.tasks.passkey import make_passkey_samples
+        from kvframe.eval.tasks.passkey import make_passkey_samples
 
         key = id(tokenizer)
         if key not in self._cache:
@@ -44,6 +44,6 @@ class PasskeyTask(Task):
         return self._cache[key]
 
     def score(self, prediction: str, sample: Sample) -> float:
-        from kvframe.tasks.passkey import score_passkey
+        from kvframe.eval.tasks.passkey import score_passkey
 
         return float(score_passkey(prediction, sample.answers[0]))

@@ -2,7 +2,7 @@
 
 Configured by YAML (omegaconf) plus ``key=value`` overrides. Everything a method needs comes from
 its composition; the runner never looks at a method's name. Per cell (method, budget, task) a
-``Trainer.test`` runs :class:`kvframe.lightning_eval.EvalModule` over the samples not yet in
+``Trainer.test`` runs :class:`kvframe.eval.module.EvalModule` over the samples not yet in
 ``predictions.jsonl`` (resume), with one W&B logger (offline unless configured) and one CSV
 logger shared by the whole run. Under DDP (``devices``, ``num_nodes``, ``strategy``) each rank takes
 every ``world``-th pending sample; rank 0 writes ``results.json``, the table and the plots.
@@ -61,7 +61,7 @@ class WandbConfig:
 class EvalConfig:
     """Evaluation settings (all overridable as ``key=value`` on the command line).
 
-    ``tasks``: list of ``{name: TASK, **params}`` (see :mod:`kvframe.tasks`). ``methods``: names,
+    ``tasks``: list of ``{name: TASK, **params}`` (see :mod:`kvframe.eval.tasks`). ``methods``: names,
     YAML paths or inline compositions; a mapping may carry its own ``budgets`` list.
     """
 
@@ -141,7 +141,7 @@ def method_entries(cfg: DictConfig) -> list[tuple[Any, list[Any]]]:
 
 def validate(cfg: DictConfig) -> list[Any]:
     """Fail before any model is loaded: unknown task/method, bad budget, mode, missing data package."""
-    from kvframe.tasks import make_task
+    from kvframe.eval.tasks import make_task
 
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r}; accepted: {', '.join(MODES)}")
@@ -248,9 +248,9 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
     """Run the grid ``methods x budgets x tasks``; returns the run directory and the records."""
     import lightning as L
 
-    from kvframe.lightning_eval import EvalModule, TaskDataModule
-    from kvframe.models import load_model
-    from kvframe.tasks.base import content_hash
+    from kvframe.eval.module import EvalModule, TaskDataModule
+    from kvframe.eval.models import load_model
+    from kvframe.eval.tasks.base import content_hash
 
     tasks = validate(cfg)
     _quiet_lightning()
@@ -367,7 +367,7 @@ def aggregate(cfg: DictConfig, pred_path: Path, task_samples: list[Any], cells: 
                 nll = [x for r in rows for x in r["nll"]]
                 value = math.exp(sum(nll) / max(len(nll), 1))
                 extra["tokens"] = len(nll)
-                from kvframe.tasks.perplexity import bucket_perplexity
+                from kvframe.eval.tasks.perplexity import bucket_perplexity
 
                 # positions counted from the first scored token; streams of a task are equally long
                 buckets, _ = bucket_perplexity([r["nll"] for r in rows], int(getattr(task, "buckets", 8)))
@@ -461,7 +461,7 @@ def make_plots(records: list[dict[str, Any]], pred_path: Path, out: Path) -> lis
         paths.append(p)
     done = list(read_predictions(pred_path).values())
     if any(r["task"] == "needle" for r in records):
-        from kvframe.tasks.needle import needle_heatmap
+        from kvframe.eval.tasks.needle import needle_heatmap
 
         for r in records:
             if r["task"] != "needle":

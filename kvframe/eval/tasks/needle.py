@@ -1,7 +1,7 @@
 """Needle-in-a-haystack grid over context lengths x needle depths, and its heatmap.
 
 Each cell of the grid is a RULER ``niah_single_2`` prompt (RULER: Hsieh et al., arXiv
-2404.06654; see :mod:`kvframe.tasks.ruler`): one "special magic number" needle for an
+2404.06654; see :mod:`kvframe.eval.tasks.ruler`): one "special magic number" needle for an
 adjective-noun key, hidden in the Paul Graham essays at the cell's depth (0 = start of the
 haystack, 1 = end, at the nearest sentence boundary), the prompt fitted to the cell's length
 in tokens (within 5 %).  The score is RULER's ``string_match_all`` (1.0 if the 7-digit number
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvframe.errors import ConfigError
-from kvframe.metrics import string_match_all
-from kvframe.tasks.base import Sample, Task
-from kvframe.tasks.ruler import fit_length, niah_builder
+from kvframe.eval.metrics import string_match_all
+from kvframe.eval.tasks.base import Sample, Task
+from kvframe.eval.tasks.ruler import fit_length, niah_builder
 
 __all__ = ["DEFAULT_GRID_DEPTHS", "NeedleGridTask", "make_needle_grid", "needle_heatmap"]
 

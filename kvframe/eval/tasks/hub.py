@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvframe.errors import ConfigError, unknown_name
-from kvframe.tasks.base import Sample, Task
-from kvframe.tasks.perplexity import StreamTask, cut_to_tokens
+from kvframe.eval.tasks.base import Sample, Task
+from kvframe.eval.tasks.perplexity import StreamTask, cut_to_tokens
 
 __all__ = [
     "HUB_PIP",
@@ -312,7 +312,7 @@ def _longbench_zip_rows(path: str, dataset: str, cache_dir: str | Path | None) -
         from huggingface_hub import hf_hub_download
     except ImportError as err:  # pragma: no cover - datasets depends on huggingface_hub
         raise ConfigError(f"loading {path} needs huggingface_hub; install it with `{HUB_PIP}`") from err
-    from kvframe.models import cache_dir as kvframe_cache_dir
+    from kvframe.eval.models import cache_dir as kvframe_cache_dir
 
     archive = Path(hf_hub_download(repo_id=path, filename="data.zip", repo_type="dataset"))
     # extracted once per archive version (the resolved blob name is its content hash)
@@ -338,7 +338,7 @@ class LongBenchTask(Task):
     context part and the question part; ``meta`` holds ``dataset``, ``length`` (LongBench's word
     count), ``language``, ``all_classes``, ``max_new_tokens`` (:data:`LONGBENCH_MAXLEN`), ``chat``,
     ``metric`` and ``join`` (``""``). :meth:`score` is
-    :func:`kvframe.metrics.longbench_score` (the dataset's metric, maximum over the reference
+    :func:`kvframe.eval.metrics.longbench_score` (the dataset's metric, maximum over the reference
     answers, first line only for trec/triviaqa/samsum), in ``[0, 1]`` (LongBench reports x100).
     Long prompts are not truncated here; use :func:`truncate_middle` for LongBench's middle
     truncation to the model's window.
@@ -414,13 +414,13 @@ class LongBenchTask(Task):
         return list(self._samples)
 
     def score(self, prediction: str, sample: Sample) -> float:
-        from kvframe.metrics import longbench_score
+        from kvframe.eval.metrics import longbench_score
 
         return float(longbench_score(self.dataset, prediction, list(sample.answers), sample.meta.get("all_classes")))
 
 
 def _longbench_metric_name(dataset: str) -> str:
-    from kvframe.metrics import LONGBENCH_METRICS
+    from kvframe.eval.metrics import LONGBENCH_METRICS
 
     return LONGBENCH_METRICS[dataset].__name__
 
@@ -452,8 +452,8 @@ class RulerHubTask(Task):
     """Pre-generated RULER data: jsonl rows with ``index, input, outputs, length``.
 
     ``task`` (e.g. ``"niah_single_1"``, ``"vt"``, ``"qa_2"``) picks the scoring rule: QA tasks
-    (``qa_*``) use :func:`kvframe.metrics.string_match_part`, every other task
-    :func:`kvframe.metrics.string_match_all`, in ``[0, 1]``. When ``task`` is omitted it is taken
+    (``qa_*``) use :func:`kvframe.eval.metrics.string_match_part`, every other task
+    :func:`kvframe.eval.metrics.string_match_all`, in ``[0, 1]``. When ``task`` is omitted it is taken
     from the first file's folder name, as RULER writes ``<save_dir>/<task>/validation.jsonl``.
 
     RULER's ``input`` is the whole prompt. It is split at its last line break: the final line (the
@@ -526,7 +526,7 @@ class RulerHubTask(Task):
         return out
 
     def score(self, prediction: str, sample: Sample) -> float:
-        from kvframe.metrics import string_match_all, string_match_part
+        from kvframe.eval.metrics import string_match_all, string_match_part
 
         fn = string_match_part if self.match == "part" else string_match_all
         return float(fn(prediction, list(sample.answers)))
@@ -539,7 +539,7 @@ class RulerHubTask(Task):
 
 @dataclass
 class PG19Task(StreamTask):
-    """PG19 books as streams for :func:`kvframe.tasks.perplexity.stream_nll` (field ``text``).
+    """PG19 books as streams for :func:`kvframe.eval.tasks.perplexity.stream_nll` (field ``text``).
 
     The books are taken in dataset order; a book shorter than ``length`` tokens is skipped; each
     stream is a whitespace-bounded prefix of the book of >= ``length`` tokens (same cut as the
@@ -696,7 +696,7 @@ class InfiniteBenchTask(Task):
     (after InfiniteBench's punctuation split); ``En.MC`` -> the predicted option letter (first
     character, else after "answer is"/"answer:"/"option is", else the first standalone A-D) equals
     the gold letter (the answer's index in ``options``; the answer text after a prefix also counts);
-    ``En.QA`` -> :func:`kvframe.metrics.qa_f1_score`, maximum over the answers.
+    ``En.QA`` -> :func:`kvframe.eval.metrics.qa_f1_score`, maximum over the answers.
     """
 
     name: ClassVar[str] = "infinitebench"
@@ -785,7 +785,7 @@ class InfiniteBenchTask(Task):
             return 1.0 if any(a in words for a in answers) else 0.0
         if self.task == "longbook_choice_eng":
             return 1.0 if _choice_correct(prediction, sample.meta["gold_letter"], sample.meta.get("gold_text", "")) else 0.0
-        from kvframe.metrics import qa_f1_score
+        from kvframe.eval.metrics import qa_f1_score
 
         if not answers:
             raise ConfigError(f"sample {sample.id} has no reference answers")
