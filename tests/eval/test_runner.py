@@ -14,7 +14,7 @@ from kvframe.cli import main
 from kvframe.errors import ConfigError
 from kvframe.eval.runner import RESULT_FIELDS, format_table, load_config, validate_results
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
