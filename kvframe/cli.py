@@ -1,7 +1,9 @@
 """The ``kvframe`` command line: ``list``, ``show`` and ``eval``.
 
-Each subcommand is a plain typed function; ``main`` only parses arguments and maps errors to a
-one-line message and exit status 2.
+Each subcommand is a plain typed function; ``main`` only parses arguments and maps outcomes to exit
+statuses: 0 success, 1 an evaluation finished with failed cells (their errors are in the results),
+2 a bad input (one line naming the bad value and what is accepted), 130 interrupted (Ctrl-C; the
+message says how to resume).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from kvframe import registry
-from kvframe.errors import KVFrameError
+from kvframe.errors import ConfigError, KVFrameError
 
 
 def list_registry(as_json: bool = False) -> str:
@@ -49,14 +52,36 @@ def show(name: str, overrides: list[str] | None = None) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(comp.to_dict()))
 
 
-def evaluate(config: str | None = None, overrides: list[str] | None = None) -> Path:
-    """Run an evaluation; with no config the built-in default. Returns the run directory."""
-    from kvframe.eval.runner import default_config_path, evaluate as run, load_config
+EVAL_EXTRA_MODULES = ("lightning", "wandb", "matplotlib")
+
+
+def _require_eval_extra() -> None:
+    """``kvframe eval`` needs the ``[eval]`` extra; say so in one line instead of an ImportError."""
+    import importlib.util
+
+    missing = [m for m in EVAL_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KVFrameError(
+            f"kvframe eval needs the evaluation extra (missing: {', '.join(missing)}); install it with "
+            "pip install 'kvframe[eval]'"
+        )
+
+
+def evaluate(config: str | None = None, overrides: list[str] | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """Run an evaluation; with no config the built-in default. Returns the run directory and the
+    results records (``status`` ``failed`` for cells that raised)."""
+    _require_eval_extra()
+    from kvframe.eval.config import default_config_path, load_config
+    from kvframe.eval.runner import evaluate as run
 
     path = config if config is not None else default_config_path()
     cfg = load_config(path, overrides)
-    run_dir, _ = run(cfg)
-    return run_dir
+    return run(cfg)
+
+
+def _resume_hint(argv: list[str], run_dir: Path) -> str:
+    args = [a for a in argv if not a.startswith("run_name=")]
+    return " ".join(["kvframe", "eval", *args, f"run_name={run_dir.name}"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -83,11 +109,37 @@ def main(argv: list[str] | None = None) -> int:
             config = None
             rest = list(args.args)
             if rest and "=" not in rest[0]:
+                if not Path(rest[0]).exists() and not rest[0].endswith((".yaml", ".yml")):
+                    raise ConfigError(
+                        f"{rest[0]!r} is neither a config file (no such file) nor a key=value override "
+                        "(e.g. budgets=[0.5] or configs/eval_quick.yaml)"
+                    )
                 config = rest.pop(0)
-            evaluate(config, rest)
+            run_dir, records = evaluate(config, rest)
+            failed = [r for r in records if r["status"] == "failed"]
+            if failed:
+                print(f"kvframe eval: {len(failed)} of {len(records)} cells failed (errors in {run_dir / 'results.json'}):",
+                      file=sys.stderr)
+                for r in failed:
+                    print(f"  {r['method']} / {r['budget'] if r['budget'] is not None else 'full'} / {r['task']}: {r['error']}",
+                          file=sys.stderr)
+                return 1
     except KVFrameError as exc:
         print(f"kvframe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        from kvframe.eval.runner import EvalInterrupted
+
+        if not isinstance(exc, EvalInterrupted):
+            print(f"kvframe {args.command}: interrupted", file=sys.stderr)
+            return 130
+        eval_args = argv[argv.index("eval") + 1:] if "eval" in argv else []
+        print(
+            f"kvframe eval: interrupted. Finished samples are saved in {exc.run_dir / 'predictions.jsonl'} "
+            f"(results so far: {exc.run_dir / 'results.json'}). Resume with:\n  {_resume_hint(eval_args, exc.run_dir)}",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

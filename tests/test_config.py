@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import kvframe
 from kvframe import registry
-from kvframe.eval.runner import load_config
+from kvframe.eval.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CARDS = sorted((ROOT / "registry").glob("*.yaml"))

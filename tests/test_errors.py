@@ -116,7 +116,7 @@ def test_cli_reports_errors_with_exit_code_2():
 
 
 def test_eval_bad_config_fails_before_loading_model(tmp_path):
-    from kvframe.eval.runner import load_config
+    from kvframe.eval.config import load_config
 
     with pytest.raises(UnknownNameError, match="unknown task 'pasky'; did you mean 'passkey'"):
         load_config(None, ["tasks=[{name: pasky}]"])

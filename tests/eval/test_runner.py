@@ -12,7 +12,8 @@ import pytest
 
 from kvframe.cli import main
 from kvframe.errors import ConfigError
-from kvframe.eval.runner import RESULT_FIELDS, format_table, load_config, validate_results
+from kvframe.eval.config import load_config
+from kvframe.eval.results import RESULT_FIELDS, format_table, validate_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,7 @@ def test_eval_quick_writes_results_and_resumes(tmp_path, capsys):
     assert full["value"] == 1.0  # SmolLM2 finds a 512-token passkey uncompressed
     assert snap["cache_kv_bytes"] * 2 == pytest.approx(full["cache_kv_bytes"], rel=0.01)
     for r in records:
-        assert r["metric"] == "accuracy" and r["samples"] == 1 and r["compressor"]["budget"] in (0.5, 1.0)
+        assert r["metric"] == "accuracy" and r["samples"] == 1 and r["compressor"]["budget"] == r["budget"] and r["status"] == "ok"
         assert r["versions"]["transformers"] and r["versions"]["lightning"] and "config" in r and r["seed"] == 0
         assert len(r["content_hash"]) == 64
     assert records[0]["content_hash"] == records[1]["content_hash"]
@@ -83,13 +84,13 @@ def test_default_config_parses_and_table_formats():
     cfg = load_config(ROOT / "kvframe" / "eval" / "configs" / "eval_default.yaml")
     assert "full" in list(cfg.methods) and len(cfg.budgets) == 2
     row = {k: 0 for k in RESULT_FIELDS}
-    row.update(method="full", budget=None, task="passkey", metric="accuracy", value=1.0, samples=3, cache_kv_bytes=2**20)
+    row.update(method="full", budget=None, task="passkey", status="ok", metric="accuracy", value=1.0, samples=3, cache_kv_bytes=2**20)
     table = format_table([row])
     assert "| full |" in table and "1.000" in table
 
 
 def test_compile_override_reaches_every_method():
-    from kvframe.eval.runner import _make
+    from kvframe.eval.config import make_compressor as _make
 
     cfg = load_config(None, ["compile=false", "methods=[snapkv, {name: kvslimmer, budgets: [0.5]}]"])
     assert cfg.compile is False
@@ -120,10 +121,171 @@ def test_bad_config_fails_before_loading_the_model(override, needle, monkeypatch
 
 def test_results_schema_rejects_bad_records():
     good = {k: 0 for k in RESULT_FIELDS}
-    good.update(method="m", budget=0.5, task="t", metric="accuracy", value=0.5, samples=1, content_hash="a" * 64)
+    good.update(method="m", budget=0.5, task="t", status="ok", error=None, metric="accuracy", value=0.5, samples=1,
+                content_hash="a" * 64, fingerprint="b" * 64)
     validate_results([good])
     for key, bad in [("samples", 0), ("content_hash", "x"), ("budget", "half"), ("prefill_s", -1.0)]:
         with pytest.raises(ValueError, match=key):
             validate_results([{**good, key: bad}])
     with pytest.raises(ValueError, match="missing"):
         validate_results([{k: v for k, v in good.items() if k != "compressor"}])
+
+
+# ---------------------------------------------------------------------------------------------
+# Results you can trust: resume only under the same configuration, unique labels, failures,
+# no state leaking between calls, Ctrl-C. A tiny random model keeps every run to seconds.
+
+
+def _run(args: list[str]) -> int:
+    return main(["eval", *args])
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    "change, differs",
+    [
+        (["max_new_tokens=1"], "decoding.max_new_tokens: 4 -> 1"),
+        (["mode=query_aware"], "decoding.mode: 'query_agnostic' -> 'query_aware'"),
+        (["dtype=bfloat16"], "dtype: 'float32' -> 'bfloat16'"),
+        (["tasks=[{name: passkey, n_samples: 2, length: 256, seed: 7}]"], "task.config.seed: 0 -> 7"),
+        (["methods=[full, {base: knorm, compile: false}]"], "compressor.compile: 'auto' -> False"),
+    ],
+)
+def test_resume_refuses_samples_computed_under_another_config(eval_args, tmp_path, capsys, change, differs):
+    assert _run(eval_args()) == 0
+    preds = tmp_path / "runs" / "r" / "predictions.jsonl"
+    before = _lines(preds)
+    assert len(before) == 4 and all(len(json.loads(x)["fingerprint"]) == 64 for x in before)
+    capsys.readouterr()
+    assert _run(eval_args(*change)) == 2
+    err = capsys.readouterr().err
+    assert "already holds samples computed under another configuration" in err and differs in err, err
+    assert "run_name=" in err  # says how to proceed
+    assert _lines(preds) == before  # nothing run, nothing mixed
+
+
+def test_resume_refuses_another_model(eval_args, tmp_path, capsys, smollm2_tokenizer):
+    from kvframe.testing import tiny_model
+
+    other = tmp_path / "other_lm"
+    tiny_model("llama", seed=1, vocab_size=len(smollm2_tokenizer), max_position_embeddings=4096).save_pretrained(other)
+    smollm2_tokenizer.save_pretrained(other)
+    assert _run(eval_args()) == 0
+    capsys.readouterr()
+    assert _run(eval_args(f"model={other}")) == 2
+    assert "model.name" in capsys.readouterr().err
+
+
+def test_resume_reuses_identical_cells_and_runs_only_new_ones(eval_args, tmp_path):
+    assert _run(eval_args()) == 0
+    preds = tmp_path / "runs" / "r" / "predictions.jsonl"
+    first = _lines(preds)
+    assert _run(eval_args()) == 0
+    assert _lines(preds) == first  # every cell finished: nothing re-scored
+    # more methods and a changed max_new_tokens... no: a new method only adds its own cells
+    assert _run(eval_args("methods=[full, knorm, streaming_llm]")) == 0
+    lines = _lines(preds)
+    assert lines[:4] == first and [json.loads(x)["method"] for x in lines[4:]] == ["streaming_llm"] * 2
+    records = json.loads((tmp_path / "runs" / "r" / "results.json").read_text())
+    validate_results(records)
+    assert [(r["method"], r["samples"], r["status"]) for r in records] == [("full", 2, "ok"), ("knorm", 2, "ok"), ("streaming_llm", 2, "ok")]
+
+
+def test_records_without_fingerprint_are_not_reused(eval_args, tmp_path, capsys):
+    assert _run(eval_args()) == 0
+    preds = tmp_path / "runs" / "r" / "predictions.jsonl"
+    old = [json.loads(x) for x in _lines(preds)]
+    for r in old:
+        r.pop("fingerprint")
+    preds.write_text("".join(json.dumps(r) + "\n" for r in old))
+    capsys.readouterr()
+    assert _run(eval_args()) == 2
+    assert "carry no configuration fingerprint" in capsys.readouterr().err
+
+
+def test_same_name_variants_each_run_and_report_their_own_numbers(eval_args, tmp_path):
+    methods = "methods=[knorm, {base: knorm, seed: 3, selector: {name: topk, fold: right}, value_merge: sum}]"
+    assert _run(eval_args(methods)) == 0
+    records = json.loads((tmp_path / "runs" / "r" / "results.json").read_text())
+    validate_results(records)
+    labels = [r["method"] for r in records]
+    assert labels[0] == "knorm" and labels[1].startswith("knorm[") and "seed=3" in labels[1] and "value_merge.name=sum" in labels[1]
+    assert all(r["samples"] == 2 and r["status"] == "ok" for r in records)
+    assert records[0]["compressor"]["value_merge"]["name"] == "drop" and records[1]["compressor"]["value_merge"]["name"] == "sum"
+    assert records[0]["fingerprint"] != records[1]["fingerprint"]
+    preds = [json.loads(x) for x in _lines(tmp_path / "runs" / "r" / "predictions.jsonl")]
+    assert sorted((p["method"], p["sample_id"]) for p in preds) == sorted((m, s) for m in labels for s in {p["sample_id"] for p in preds})
+
+
+def test_failing_cell_is_recorded_and_the_grid_goes_on(eval_args, tmp_path, capsys):
+    # an absolute budget larger than the 256-token prompts fails in its cell only
+    code = _run(eval_args("methods=[knorm, streaming_llm]", "budgets=[4096, 0.5]"))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 cells failed" in err and "larger than the prompt" in err
+    run = tmp_path / "runs" / "r"
+    records = json.loads((run / "results.json").read_text())
+    validate_results(records)
+    status = {(r["method"], r["budget"]): r["status"] for r in records}
+    assert status == {("knorm", 4096): "failed", ("knorm", 0.5): "ok", ("streaming_llm", 4096): "failed", ("streaming_llm", 0.5): "ok"}
+    failed = [r for r in records if r["status"] == "failed"]
+    assert all("ConfigError: budget=4096 tokens is larger than the prompt" in r["error"] and r["value"] is None for r in failed)
+    assert "FAILED" in (run / "results.md").read_text()
+    assert "Traceback" in (run / "errors.log").read_text()
+    ok = [r for r in records if r["status"] == "ok"]
+    assert all(r["samples"] == 2 for r in ok)
+
+
+def test_evaluate_twice_in_one_process_leaks_nothing(eval_args, tmp_path, monkeypatch):
+    import torch
+
+    from kvframe.eval.runner import evaluate
+
+    for var in ("KVFRAME_RUN_NAME", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "user_wandb_config"))
+    threads = torch.get_num_threads()
+    cfg1 = load_config(None, eval_args("wandb.mode=offline", "threads=1", run_name=None))
+    dir1, rec1 = evaluate(cfg1)
+    assert os.environ.get("KVFRAME_RUN_NAME") is None and os.environ.get("WANDB_MODE") is None
+    assert os.environ.get("WANDB_DIR") is None and os.environ["WANDB_CONFIG_DIR"] == str(tmp_path / "user_wandb_config")
+    assert torch.get_num_threads() == threads
+    cfg2 = load_config(None, eval_args("methods=[streaming_llm]", "wandb.mode=offline", run_name=None))
+    dir2, rec2 = evaluate(cfg2)
+    assert dir1 != dir2
+    assert [r["method"] for r in rec2] == ["streaming_llm"]
+    assert {json.loads(x)["method"] for x in _lines(dir1 / "predictions.jsonl")} == {"full", "knorm"}
+    assert {json.loads(x)["method"] for x in _lines(dir2 / "predictions.jsonl")} == {"streaming_llm"}
+    assert list((dir1 / "wandb").rglob("*.wandb")) and list((dir2 / "wandb").rglob("*.wandb"))
+
+
+def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(eval_args, tmp_path, capsys, monkeypatch):
+    import signal
+
+    import kvframe.eval.module as module
+
+    real = module.generate_answer
+    calls = {"n": 0}
+
+    def interrupted_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, "generate_answer", interrupted_on_third)
+    args = eval_args()
+    assert _run(args) == 130
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "r"
+    assert "interrupted" in err and str(run / "predictions.jsonl") in err and "run_name=r" in err and "kvframe eval model=" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had set it to ignore
+    assert len(_lines(run / "predictions.jsonl")) == 2  # the two samples of the first cell
+    partial = json.loads((run / "results.json").read_text())
+    assert [(r["method"], r["samples"]) for r in partial] == [("full", 2)]
+    monkeypatch.setattr(module, "generate_answer", real)
+    assert _run(args) == 0
+    assert len(_lines(run / "predictions.jsonl")) == 4

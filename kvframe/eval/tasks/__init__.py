@@ -42,6 +42,12 @@ def make_task(spec: Mapping[str, Any] | str) -> Task:
         spec = {"name": spec}
     params = dict(spec)
     name = params.pop("name", None)
+    colon = [k for k in params if isinstance(k, str) and ":" in k]
+    if colon:
+        raise ConfigError(
+            f"task entry {dict(spec)!r}: key {colon[0]!r} looks like 'key:value' without a space; YAML needs a space "
+            "after the colon, e.g. {name: passkey, length: 1024}"
+        )
     if name is None:
         raise ConfigError(f"task entry {dict(spec)!r} has no 'name'; accepted names: {', '.join(sorted(TASKS))}")
     cls = task_class(str(name))

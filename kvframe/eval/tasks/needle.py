@@ -132,6 +132,10 @@ class NeedleGridTask(Task):
     def score(self, prediction: str, sample: Sample) -> float:
         return string_match_all(prediction, sample.answers)
 
+    def plot(self, rows: list[Mapping[str, Any]], path: Path) -> Path:
+        """One cell's length x depth heatmap (the runner calls it for every finished cell)."""
+        return needle_heatmap(rows, path)
+
 
 def _field(record: Mapping[str, Any], *names: str) -> Any:
     meta = record.get("meta") if isinstance(record.get("meta"), Mapping) else {}

@@ -1,0 +1,105 @@
+"""The eval config: every bad value fails before the model loads, with one line naming it; the grid
+of cells gets unique labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvframe.cli import main
+from kvframe.errors import ConfigError
+from kvframe.eval.config import load_config, plan_cells, plan_tasks
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    import kvframe.eval.models
+
+    monkeypatch.setattr(kvframe.eval.models, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_new_tokens=0", "max_new_tokens=0; accepted: an integer >= 1"),
+        ("max_new_tokens=-3", "max_new_tokens=-3; accepted: an integer >= 1"),
+        ("device=tpu0", "device='tpu0'"),
+        ("device=gpus", "did you mean 'gpu'"),
+        ("threads=0", "threads=0; accepted: null"),
+        ("strategy=dpp", "strategy='dpp'; did you mean 'ddp'?"),
+        ("dtype=float64", "unsupported dtype 'float64'; accepted: 'float32', 'bfloat16', 'float16'"),
+        ("run_name=a/b", "run_name='a/b'"),
+        ("methods=[snapkv", "override 'methods=[snapkv': the value is not valid YAML"),
+        ("budgets=[1", "override 'budgets=[1': the value is not valid YAML"),
+        ("budgets=0.5", "budgets must be a list, e.g. budgets=[0.5]"),
+        ("budget=[0.5]", "unknown eval config key 'budget'; did you mean 'budgets'?"),
+        ("model=${nope}", "cannot resolve eval config key 'model'"),
+        ("budgets=[1.5]", "budgets entry=1.5"),
+        ("tasks=[{name:passkey}]", "without a space"),
+        ("methods=[snapkv, snapkv]", "methods[0] and methods[1] are the same composition ('snapkv') at budget 0.5"),
+        ("tasks=[{name: passkey}, {name: passkey}]", "tasks[0] and tasks[1] are the same task ('passkey')"),
+    ],
+)
+def test_bad_values_fail_before_the_model_loads_with_one_line(override, message, capsys):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert main(["eval", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvframe eval: error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cuda_device_without_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        load_config(None, ["device=cuda"])
+
+
+def test_output_dir_must_be_writable(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_config(None, [f"output_dir={f}"])
+    with pytest.raises(ConfigError, match="cannot be written"):
+        load_config(None, [f"output_dir={f / 'sub'}"])
+    load_config(None, [f"output_dir={tmp_path / 'new' / 'deeper'}"])  # created later, parents writable
+
+
+def test_a_directory_is_not_a_config_file(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_same_name_compositions_get_labels_from_what_differs():
+    cfg = load_config(None, ["methods=[snapkv, {base: snapkv, scorer: {window: 8}}, {base: snapkv, selector: adaptive_heads}, knorm]"])
+    cells = plan_cells(cfg)
+    labels = [c.label for c in cells]
+    assert labels == [
+        "snapkv", "snapkv", "snapkv[scorer.window=8]", "snapkv[scorer.window=8]",
+        "snapkv[selector.name=adaptive_heads]", "snapkv[selector.name=adaptive_heads]", "knorm", "knorm",
+    ]
+    assert [c.budget for c in cells[:2]] == [0.5, 0.25]
+    assert cells[2].compressor.scorer.window == 8 and cells[0].compressor.scorer.window == 64
+
+
+def test_labels_stay_bare_when_names_are_unique_and_full_runs_once():
+    cfg = load_config(None, ["methods=[full, {base: snapkv, scorer: {window: 8}}]"])
+    assert [(c.label, c.budget) for c in plan_cells(cfg)] == [("full", None), ("snapkv", 0.5), ("snapkv", 0.25)]
+
+
+def test_same_task_with_other_parameters_gets_its_own_label():
+    cfg = load_config(None, ["tasks=[{name: passkey, length: 1024}, {name: passkey, length: 2048, seed: 1}]"])
+    assert [t.label for t in plan_tasks(cfg)] == ["passkey[length=1024]", "passkey[length=2048, seed=1]"]
+
+
+def test_an_override_without_value_after_the_config_file(capsys):
+    from kvframe.eval.config import default_config_path
+
+    with pytest.raises(ConfigError, match="override 'budget' is not of the form key=value"):
+        load_config(default_config_path(), ["budget"])
+    assert main(["eval", str(default_config_path()), "budget"]) == 2
+    assert "override 'budget' is not of the form key=value" in capsys.readouterr().err
+    assert main(["eval", "budget"]) == 2  # a first argument without '=' is a config file unless it cannot be
+    assert "'budget' is neither a config file (no such file) nor a key=value override" in capsys.readouterr().err
