@@ -1,4 +1,4 @@
-"""torch.compile of compressors: compiled equals eager for every registered method, shapes are
+"""torch.compile of compressors (compiled == eager for every card is in tests/cards/test_cards.py): shapes are
 dynamic (growing prompts do not recompile), the eager switch, config errors, and a compiled model
 forward (the decode step inside attach) that equals eager without recompiling per step.
 
@@ -9,7 +9,6 @@ real inductor code generation (slow: ~30 s of C++ compilation on 2 cores).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +19,9 @@ from kvframe.compressor import check_compile
 from kvframe.errors import ConfigError
 from kvframe.testing import tiny_model
 from kvframe.api import compression_inputs
+from tests.cards.table import BY_NAME
 from kvframe.slots import SlotState
 
-REGISTRY = Path(__file__).resolve().parents[1] / "registry"
-CARDS = sorted(p.stem for p in REGISTRY.glob("*.yaml") if p.stem != "full")
-# pair-merging methods protect 32 sinks and merge adjacent pairs: at these short lengths they cannot
-# reach 50% (they say so), so they are checked at a budget they can reach
-BUDGET = {"asymkv": 0.75, "asymkv_disjoint": 0.8, "kvslimmer": 0.75}
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -63,25 +58,12 @@ def _assert_same(a: SlotState, b: SlotState) -> None:
         torch.testing.assert_close(a.stats[k], b.stats[k], **TOL)
 
 
-@pytest.mark.parametrize("name", CARDS)
-def test_compiled_equals_eager_for_every_method(name):
-    budget = BUDGET.get(name, 0.5)
-    eager = kvframe.build(name, budget=budget, compile=False)
-    compiled = kvframe.build(name, budget=budget, compile={"backend": "aot_eager"})
-    for t in (61, 100, 137):  # odd and growing lengths
-        kw = _inputs(t, seed=t)
-        a, fired_a = _run(eager, kw)
-        b, fired_b = _run(compiled, kw)
-        assert fired_a == fired_b
-        _assert_same(a, b)
-
-
 @pytest.mark.parametrize("name", ["snapkv", "kvslimmer", "weightedkv", "adakv"])
 def test_growing_lengths_do_not_recompile(name):
     """Dynamic shapes: after the first two lengths (the second may generalise a specialised size),
     four more lengths add no compiled frame."""
     counter = CompileCounterWithBackend("aot_eager")
-    comp = kvframe.build(name, budget=BUDGET.get(name, 0.5))
+    comp = kvframe.build(name, budget=BY_NAME[name].parity_budget)
     comp.compile = check_compile({"backend": counter})  # a backend callable is set from Python, not YAML
     lengths = (64, 90, 131, 200, 257, 333)
     frames = []

@@ -16,9 +16,10 @@ from kvframe.testing import tiny_model
 from kvframe.policies.base import Selection
 from kvframe.policies.groups import fold_right, kept_assign
 from kvframe.policies.merge_convex import convex_merge
+from tests.cards.table import names
 from tests.conftest import left_padded
 
-DECODE_METHODS = ["h2o_decode", "tova_decode", "streaming_llm_decode", "weightedkv", "cam"]
+DECODE_METHODS = names(family="decode")
 
 
 def _attn(q, k, v, bias=None):

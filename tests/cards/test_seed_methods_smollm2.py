@@ -11,18 +11,9 @@ import torch
 import kvframe
 from kvframe.cli import main
 from kvframe.eval.tasks.passkey import make_passkey_samples
+from tests.cards.table import names
 
-SEED_METHODS = [
-    "asymkv",
-    "kvslimmer",
-    "weightedkv",
-    "balancekv",
-    "balancekv_uniform",
-    "h2o_decode",
-    "tova_decode",
-    "cam",
-    "streaming_llm_decode",
-]
+SEED_METHODS = names(seed_method=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 import kvframe
 from kvframe.testing import tiny_model
 from kvframe.policies.budgets import resolve_budget
+from tests.cards.table import names
 from tests.conftest import left_padded
 
 
@@ -18,7 +19,7 @@ def _prefill(model, comp, ids, mask=None):
     return cache
 
 
-@pytest.mark.parametrize("method", ["knorm", "snapkv", "streaming_llm", "random", "h2o", "tova"])
+@pytest.mark.parametrize("method", names(family="one_shot", exact=True, ragged=False))
 @pytest.mark.parametrize("budget", [17, 0.25])
 def test_exact_budget_tiny(method, budget):
     model = tiny_model("llama", num_hidden_layers=3)
