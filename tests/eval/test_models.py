@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvframe.errors import ConfigError
 from kvframe.eval import models
 from kvframe.eval.models import (
     BUILTIN_MODELS,
     load_model,
+    model_fingerprint,
     resolve_dtype,
     resolve_model_name,
 )
@@ -332,6 +334,90 @@ def test_sha256_reuses_digests_only_of_unchanged_settled_files(tmp_path, monkeyp
     assert models._sha256(f) == _sha256_of(f) != first
 
 
+def test_fingerprint_builtin_is_the_verified_weights_sha256(fake_cache):
+    root, calls = fake_cache
+    fp = model_fingerprint("SmolLM2")
+    path = root / "models" / "smollm2-135m"
+    assert fp == {
+        "kind": "builtin",
+        "name": "smollm2-135m",
+        "source": models._SMOLLM2_GGUF,
+        "sha256": _sha256_of(path / "model.safetensors"),
+    }
+    assert model_fingerprint("smollm2-135m") == fp and len(calls) == 1
+    _same_size_corruption(path / "model.safetensors", "model.safetensors")
+    assert model_fingerprint("smollm2") == fp and len(calls) == 2  # verified, so rebuilt first
+    json.dumps(fp)
+
+
+def test_fingerprint_local_directory(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"x" * 10)
+    (d / "model-00002-of-00002.safetensors").write_bytes(b"y" * 20)
+    (d / "README.md").write_text("not weights")
+    fp = model_fingerprint(str(d))
+    assert fp == {
+        "kind": "local",
+        "name": str(d),
+        "path": str(d.absolute()),
+        "config_sha256": _sha256_of(d / "config.json"),
+        "weights": [
+            {"name": name, "size": size, "mtime_ns": (d / name).stat().st_mtime_ns}
+            for name, size in (("model-00001-of-00002.safetensors", 10), ("model-00002-of-00002.safetensors", 20))
+        ],
+        "revision": None,
+    }
+    json.dumps(fp)
+    os.utime(d / "model-00002-of-00002.safetensors", ns=(1, 1))  # a re-written weight file
+    assert model_fingerprint(str(d))["weights"][1]["mtime_ns"] == 1
+    (d / "config.json").write_text('{"model_type": "qwen2"}')
+    assert model_fingerprint(str(d))["config_sha256"] != fp["config_sha256"]
+
+    (d / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json") as info:
+        model_fingerprint(str(d))
+    assert str(d) in str(info.value) and "smollm2-135m" in str(info.value)
+
+
+_COMMIT_A = "0123456789abcdef0123456789abcdef01234567"
+_COMMIT_B = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def _fake_hub_cache(root: Path, repo: str, commits: list[str]) -> Path:
+    """A Hub cache holding ``commits`` of ``repo`` with refs/main at the last one, as hf_hub_download lays it out."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    for commit in commits:
+        snapshot = repo_dir / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commits[-1])
+    return repo_dir
+
+
+def test_fingerprint_hub_id_is_the_cached_commit(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo_dir = _fake_hub_cache(tmp_path, "kvframe-test/tiny", [_COMMIT_A])
+    assert model_fingerprint("kvframe-test/tiny") == {"kind": "hub", "name": "kvframe-test/tiny", "revision": _COMMIT_A}
+    # a newer download moves refs/main
+    (repo_dir / "snapshots" / _COMMIT_B).mkdir()
+    (repo_dir / "snapshots" / _COMMIT_B / "config.json").write_text('{"model_type": "llama"}')
+    (repo_dir / "refs" / "main").write_text(_COMMIT_B)
+    assert model_fingerprint("kvframe-test/tiny")["revision"] == _COMMIT_B
+    # the snapshot folder itself, given as a local directory, names its commit too
+    local = model_fingerprint(str(repo_dir / "snapshots" / _COMMIT_A))
+    assert local["kind"] == "local" and local["revision"] == _COMMIT_A
+
+    for missing in ("kvframe-test/not-cached", "not/a/valid/id"):
+        with pytest.raises(ConfigError, match="local Hub cache") as info:
+            model_fingerprint(missing)
+        assert missing in str(info.value) and "smollm2-135m" in str(info.value)
+
+
 # ---------------------------------------------------------------------------
 # Real SmolLM2 (slow). The session fixture `smollm2` (model, tokenizer) comes
 # from tests/conftest.py and uses the default cache, so the conversion is paid
@@ -417,8 +503,7 @@ def test_smollm2_corrupted_weights_are_rebuilt(smollm2, monkeypatch, tmp_path, c
     assert len(conversions) == 1
     assert any("model.safetensors" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert weights.stat().st_size == size
-    meta = json.loads((cached / "kvframe_cache.json").read_text())
-    assert meta["files"]["model.safetensors"]["sha256"] == _sha256_of(weights)
+    assert model_fingerprint("smollm2")["sha256"] == _sha256_of(weights)
     assert _leftovers(cached.parent) == []
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
