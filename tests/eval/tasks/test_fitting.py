@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from kvframe.errors import ConfigError
+from kvframe.eval.tasks import passkey
 from kvframe.eval.tasks.fitting import LENGTH_TOLERANCE, Builder, LazyList, fit_amount
 
 
@@ -45,7 +47,27 @@ def test_lazy_list_prefixes_never_change():
     assert items[7] == items.take(8)[7] and items.take(5) == five and items.take(2) == five[:2]
 
 
+def test_passkey_builder_is_a_pure_function_of_the_amount():
+    def builder():
+        return passkey._passkey_builder(random.Random(3), "NEEDLE.", 0.5)
+
+    amounts = [0, 1, 40, 7, 300, 41, 0, 299]
+    a, b = builder(), builder()
+    assert [a.build(n) for n in amounts] == [b.build(n) for n in reversed(amounts)][::-1]
+    assert a.build(40) == a.build(40) and builder().build(40) == a.build(40)
+
+
+def test_passkey_filler_is_whole_sentences_within_a_short_sentence_of_the_amount():
+    filler = passkey._Filler(random.Random(5))
+    longest_short = max(_words(t.format(name="Alma", name2="Hugo", colour="dark green")) for t in passkey._SHORT_TEMPLATES)
+    for n in range(400):
+        sentences = filler.sentences(n)
+        words = sum(_words(s) for s in sentences)
+        assert n - longest_short < words <= n
+        assert all(re.fullmatch(r"[A-Z].*[.]", s) for s in sentences)
+
+
 def test_tolerance_is_shared():
     from kvframe.eval.tasks import ruler
 
-    assert ruler.LENGTH_TOLERANCE is LENGTH_TOLERANCE
+    assert passkey.LENGTH_TOLERANCE is ruler.LENGTH_TOLERANCE is LENGTH_TOLERANCE
