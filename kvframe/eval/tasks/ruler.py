@@ -387,20 +387,10 @@ def fit_length(
 ) -> tuple[_Built, int, int]:
     """Choose the amount of filler so that the prompt is within :data:`LENGTH_TOLERANCE` of ``length``.
 
-    The prompt is measured with :func:`count_prompt_tokens`; the search is
-    :func:`kvframe.eval.tasks.fitting.fit_amount` (a safeguarded secant search on the amount, ``hint``
-    tried first).
-
-    Returns
-    -------
-    tuple
-        ``(built prompt, measured tokens, amount of filler)``.
-
-    Raises
-    ------
-    kvframe.errors.ConfigError
-        If ``length`` is below the prompt without filler, above what the source data can fill,
-        or cannot be hit within the tolerance (filler units too coarse for a short length).
+    :func:`kvframe.eval.tasks.fitting.fit_amount` (a safeguarded secant search on the amount,
+    ``hint`` tried first) with the prompt measured by :func:`count_prompt_tokens`.  Returns
+    ``(built prompt, measured tokens, amount of filler)``; raises ``ConfigError`` when the length
+    cannot be fitted.
     """
 
     def measure(built: _Built) -> int:
