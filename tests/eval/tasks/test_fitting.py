@@ -59,7 +59,8 @@ def test_passkey_builder_is_a_pure_function_of_the_amount():
 
 def test_passkey_filler_is_whole_sentences_within_a_short_sentence_of_the_amount():
     filler = passkey._Filler(random.Random(5))
-    longest_short = max(_words(t.format(name="Alma", name2="Hugo", colour="dark green")) for t in passkey._SHORT_TEMPLATES)
+    slots = {"name": "Alma", "name2": "Hugo", "colour": "dark green"}
+    longest_short = max(_words(t.format(**slots)) for t in passkey._SHORT_TEMPLATES)
     for n in range(400):
         sentences = filler.sentences(n)
         words = sum(_words(s) for s in sentences)
