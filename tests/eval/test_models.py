@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvframe.errors import ConfigError
 from kvframe.eval import models
 from kvframe.eval.models import (
     BUILTIN_MODELS,
     load_model,
+    model_fingerprint,
     resolve_dtype,
     resolve_model_name,
 )
@@ -131,9 +135,9 @@ def test_missing_package_mentions_pip_install(monkeypatch, tmp_path):
 def _write_fake_checkpoint(out_dir: Path, marker: str = "fresh") -> None:
     from safetensors.torch import save_file
 
-    save_file({"w": torch.zeros(4, 4)}, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps({"marker": marker}))
-    (out_dir / "tokenizer.json").write_text("{}")
+    save_file({"w": torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64)}, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps({"marker": marker, "hidden_size": 576}))
+    (out_dir / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1}}}))
     (out_dir / "tokenizer_config.json").write_text("{}")
 
 
@@ -212,7 +216,7 @@ def test_concurrent_winner_is_kept(monkeypatch, tmp_path):
         # Simulate another process finishing first.
         target.mkdir()
         _write_fake_checkpoint(target, marker="theirs")
-        (target / "kvframe_cache.json").write_text(json.dumps(models._source_fingerprint(gguf)))
+        models._write_cache_meta(target, models._source_fingerprint(gguf))
 
     monkeypatch.setattr(models, "_convert_smollm2", racing_convert)
     path = models._ensure_smollm2_cache()
@@ -240,6 +244,178 @@ def test_complete_cache_usable_without_package(fake_cache, monkeypatch):
     monkeypatch.setattr(models, "_SMOLLM2_PACKAGE", "kvframe_no_such_package_xyz")
     assert models._ensure_smollm2_cache() == path
     assert len(calls) == 1
+
+
+def _sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _same_size_corruption(path: Path, name: str) -> None:
+    """Change ``path``'s bytes, keeping its size (what a checksum must catch, a size check cannot)."""
+    data = bytearray(path.read_bytes())
+    if name == "model.safetensors":  # flip bytes in the middle of the tensor data
+        mid = len(data) // 2
+        data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
+    elif name == "tokenizer.json":  # no longer valid JSON
+        data[0:1] = b"["
+    else:  # config.json: still valid JSON, a different value (576 -> 976)
+        data = bytearray(bytes(data).replace(b"576", b"976"))
+    path.write_bytes(bytes(data))
+
+
+def test_cache_records_size_and_sha256_of_every_file(fake_cache):
+    path = models._ensure_smollm2_cache()
+    meta = json.loads((path / "kvframe_cache.json").read_text())
+    assert meta["format"] == models._CACHE_FORMAT == 2
+    names = sorted(p.name for p in path.iterdir() if p.name != "kvframe_cache.json")
+    assert sorted(meta["files"]) == names
+    for name, record in meta["files"].items():
+        assert record == {"size": (path / name).stat().st_size, "sha256": _sha256_of(path / name)}
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_corrupted_cache_file_is_rebuilt(fake_cache, caplog, name):
+    _, calls = fake_cache
+    path = models._ensure_smollm2_cache()
+    original = (path / name).read_bytes()
+    _same_size_corruption(path / name, name)
+    assert (path / name).stat().st_size == len(original) and (path / name).read_bytes() != original
+    assert name in models._cache_problem(path)
+
+    with caplog.at_level(logging.WARNING, logger="kvframe.eval.models"):
+        assert models._ensure_smollm2_cache() == path
+    assert len(calls) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and name in warnings[0] and "sha256" in warnings[0]
+    assert (path / name).read_bytes() == original
+    meta = json.loads((path / "kvframe_cache.json").read_text())
+    assert all(r["sha256"] == _sha256_of(path / n) for n, r in meta["files"].items())
+    assert models._cache_is_complete(path)
+    assert _leftovers(path.parent) == []
+
+
+def test_old_format_cache_without_hashes_is_rebuilt(fake_cache, caplog):
+    _, calls = fake_cache
+    path = models._ensure_smollm2_cache()
+    old = {**models._source_fingerprint(models._smollm2_gguf_path()), "format": 1}
+    (path / "kvframe_cache.json").write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING, logger="kvframe.eval.models"):
+        assert models._ensure_smollm2_cache() == path
+    assert len(calls) == 2
+    assert any("format 1" in r.getMessage() for r in caplog.records)
+    assert "files" in json.loads((path / "kvframe_cache.json").read_text())
+
+
+def test_cache_without_hashes_for_a_required_file_is_rebuilt(fake_cache):
+    _, calls = fake_cache
+    path = models._ensure_smollm2_cache()
+    meta = json.loads((path / "kvframe_cache.json").read_text())
+    del meta["files"]["tokenizer.json"]
+    (path / "kvframe_cache.json").write_text(json.dumps(meta))
+    assert "tokenizer.json" in models._cache_problem(path)
+    models._ensure_smollm2_cache()
+    assert len(calls) == 2
+
+
+def test_sha256_reuses_digests_only_of_unchanged_settled_files(tmp_path, monkeypatch):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 3_000_000)  # several hash blocks
+    assert models._sha256(f) == _sha256_of(f)
+    assert str(f.absolute()) not in models._digests  # just written: could change within the timestamp tick
+    monkeypatch.setattr(models, "_RACY_NS", -(10**18))  # treat every file as settled
+    first = models._sha256(f)
+    assert models._digests[str(f.absolute())][1] == first
+    monkeypatch.setattr(Path, "open", lambda *a, **k: pytest.fail("an unchanged file is not read again"))
+    assert models._sha256(f) == first
+    monkeypatch.undo()
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"b" * 3_000_000)
+    os.replace(replacement, f)  # same size and path, another inode
+    assert models._sha256(f) == _sha256_of(f) != first
+
+
+def test_fingerprint_builtin_is_the_verified_weights_sha256(fake_cache):
+    root, calls = fake_cache
+    fp = model_fingerprint("SmolLM2")
+    path = root / "models" / "smollm2-135m"
+    assert fp == {
+        "kind": "builtin",
+        "name": "smollm2-135m",
+        "source": models._SMOLLM2_GGUF,
+        "sha256": _sha256_of(path / "model.safetensors"),
+    }
+    assert model_fingerprint("smollm2-135m") == fp and len(calls) == 1
+    _same_size_corruption(path / "model.safetensors", "model.safetensors")
+    assert model_fingerprint("smollm2") == fp and len(calls) == 2  # verified, so rebuilt first
+    json.dumps(fp)
+
+
+def test_fingerprint_local_directory(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"x" * 10)
+    (d / "model-00002-of-00002.safetensors").write_bytes(b"y" * 20)
+    (d / "README.md").write_text("not weights")
+    fp = model_fingerprint(str(d))
+    assert fp == {
+        "kind": "local",
+        "name": str(d),
+        "path": str(d.absolute()),
+        "config_sha256": _sha256_of(d / "config.json"),
+        "weights": [
+            {"name": name, "size": size, "mtime_ns": (d / name).stat().st_mtime_ns}
+            for name, size in (("model-00001-of-00002.safetensors", 10), ("model-00002-of-00002.safetensors", 20))
+        ],
+        "revision": None,
+    }
+    json.dumps(fp)
+    os.utime(d / "model-00002-of-00002.safetensors", ns=(1, 1))  # a re-written weight file
+    assert model_fingerprint(str(d))["weights"][1]["mtime_ns"] == 1
+    (d / "config.json").write_text('{"model_type": "qwen2"}')
+    assert model_fingerprint(str(d))["config_sha256"] != fp["config_sha256"]
+
+    (d / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json") as info:
+        model_fingerprint(str(d))
+    assert str(d) in str(info.value) and "smollm2-135m" in str(info.value)
+
+
+_COMMIT_A = "0123456789abcdef0123456789abcdef01234567"
+_COMMIT_B = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def _fake_hub_cache(root: Path, repo: str, commits: list[str]) -> Path:
+    """A Hub cache holding ``commits`` of ``repo`` with refs/main at the last one, as hf_hub_download lays it out."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    for commit in commits:
+        snapshot = repo_dir / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commits[-1])
+    return repo_dir
+
+
+def test_fingerprint_hub_id_is_the_cached_commit(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo_dir = _fake_hub_cache(tmp_path, "kvframe-test/tiny", [_COMMIT_A])
+    assert model_fingerprint("kvframe-test/tiny") == {"kind": "hub", "name": "kvframe-test/tiny", "revision": _COMMIT_A}
+    # a newer download moves refs/main
+    (repo_dir / "snapshots" / _COMMIT_B).mkdir()
+    (repo_dir / "snapshots" / _COMMIT_B / "config.json").write_text('{"model_type": "llama"}')
+    (repo_dir / "refs" / "main").write_text(_COMMIT_B)
+    assert model_fingerprint("kvframe-test/tiny")["revision"] == _COMMIT_B
+    # the snapshot folder itself, given as a local directory, names its commit too
+    local = model_fingerprint(str(repo_dir / "snapshots" / _COMMIT_A))
+    assert local["kind"] == "local" and local["revision"] == _COMMIT_A
+
+    for missing in ("kvframe-test/not-cached", "not/a/valid/id"):
+        with pytest.raises(ConfigError, match="local Hub cache") as info:
+            model_fingerprint(missing)
+        assert missing in str(info.value) and "smollm2-135m" in str(info.value)
 
 
 # ---------------------------------------------------------------------------
@@ -300,3 +476,37 @@ def test_smollm2_cache_built_then_reused(monkeypatch, tmp_path):
     elapsed = time.perf_counter() - start
     assert torch.equal(model2.get_input_embeddings().weight, weights)
     assert elapsed < 10.0, f"cached load took {elapsed:.1f} s"
+
+
+@pytest.mark.slow
+def test_smollm2_corrupted_weights_are_rebuilt(smollm2, monkeypatch, tmp_path, caplog):
+    """A byte flipped in the real cached weights (same size) is caught and the cache rebuilt."""
+    import shutil
+
+    model, tokenizer = smollm2
+    cached = tmp_path / "models" / "smollm2-135m"
+    shutil.copytree(models.smollm2_cache_path(), cached)  # the session's verified cache
+    monkeypatch.setenv("KVFRAME_CACHE_DIR", str(tmp_path))
+    weights = cached / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as fh:
+        fh.seek(size // 2)
+        byte = fh.read(1)
+        fh.seek(size // 2)
+        fh.write(bytes([byte[0] ^ 0x80]))
+
+    conversions = []
+    convert = models._convert_smollm2
+    monkeypatch.setattr(models, "_convert_smollm2", lambda *a: (conversions.append(a), convert(*a)))
+    with caplog.at_level(logging.WARNING, logger="kvframe.eval.models"):
+        rebuilt, _ = load_model("smollm2")
+    assert len(conversions) == 1
+    assert any("model.safetensors" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert weights.stat().st_size == size
+    assert model_fingerprint("smollm2")["sha256"] == _sha256_of(weights)
+    assert _leftovers(cached.parent) == []
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = rebuilt(ids).logits
+    assert bool(torch.isfinite(logits).all())
+    assert torch.equal(rebuilt.get_input_embeddings().weight, model.get_input_embeddings().weight)

@@ -6,7 +6,10 @@ The haystack is generated from hand-written template sentences filled with
 names, colours, years and small numbers drawn from a seeded
 :class:`random.Random`, so no third-party text is involved and the same
 arguments always give the same samples.  Filler numbers have at most four
-digits, so the pass key is the only 5-digit number in the context.
+digits, so the pass key is the only 5-digit number in the context.  The
+context is a pure function of its amount of filler (whole regular sentences,
+then short ones for the last few tokens), which
+:func:`kvframe.eval.tasks.fitting.fit_amount` fits to the requested length.
 
 Typical use::
 
@@ -18,7 +21,7 @@ Typical use::
 
 from __future__ import annotations
 
-import math
+import bisect
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvframe.errors import ConfigError
+from kvframe.eval.tasks.fitting import LENGTH_TOLERANCE, Builder, LazyList, fit_amount
 
 __all__ = [
     "DEFAULT_DEPTHS",
@@ -43,16 +47,8 @@ __all__ = [
 NEEDLE_TEMPLATE = "The pass key is {key}. Remember it. {key} is the pass key."
 #: Question asked after the context.
 QUESTION = "What is the pass key? Answer with the number only."
-#: Relative tolerance of the context length in tokens.
-LENGTH_TOLERANCE = 0.05
 #: Needle depths cycled through when ``depths`` is not given.
 DEFAULT_DEPTHS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-#: Length accuracy the fit aims for before settling for LENGTH_TOLERANCE.
-_TARGET_TOLERANCE = 0.01
-_TARGET_MIN_TOKENS = 6
-_MAX_FIT_ITERS = 12
-_CALIBRATION_SENTENCES = 64
 
 # ---------------------------------------------------------------------------
 # Filler vocabulary and templates (hand-written, neutral)
@@ -204,7 +200,7 @@ class _FillerStream:
 
 
 # ---------------------------------------------------------------------------
-# Token counting and length fitting
+# The context as a function of the amount of filler, and its length fit
 # ---------------------------------------------------------------------------
 
 
@@ -213,129 +209,61 @@ def _count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text).input_ids)
 
 
-def _tokens_per_char(tokenizer: Any, seed: int) -> float:
-    """Estimate the tokenizer's tokens-per-character ratio on filler text."""
-    stream = _FillerStream(random.Random(f"kvframe-passkey-calibration-{seed}"))
-    text = " ".join(stream.sentence() for _ in range(_CALIBRATION_SENTENCES))
-    n = _count_tokens(tokenizer, text) - _count_tokens(tokenizer, "")
-    return max(n, 1) / len(text)
-
-
-def _insertion_index(estimates: Sequence[float], depth: float) -> int:
-    """Index of the sentence boundary closest to ``depth`` of the filler tokens."""
-    total = sum(estimates)
+def _insertion_index(sentences: Sequence[str], depth: float) -> int:
+    """Index of the sentence boundary closest to ``depth`` of the filler (by characters)."""
+    total = sum(len(s) + 1 for s in sentences)
     target = depth * total
-    best, best_err, cumulative = 0, abs(target), 0.0
-    for j, est in enumerate(estimates, start=1):
-        cumulative += est
+    best, best_err, cumulative = 0, abs(target), 0
+    for j, sentence in enumerate(sentences, start=1):
+        cumulative += len(sentence) + 1
         err = abs(cumulative - target)
         if err < best_err:
             best, best_err = j, err
     return best
 
 
-def _assemble(sentences: Sequence[str], estimates: Sequence[float], needle: str, depth: float) -> str:
-    """Join the filler sentences with the needle inserted at ``depth``."""
-    j = _insertion_index(estimates, depth)
-    return " ".join([*sentences[:j], needle, *sentences[j:]])
+class _Filler:
+    """Filler sentences as a pure function of an amount ``n`` of filler words.
 
-
-@dataclass
-class _Haystack:
-    """Mutable filler state used while fitting a context to a token budget."""
-
-    stream: _FillerStream
-    tokens_per_char: float
-    sentences: list[str]
-    estimates: list[float]
-    pending: str | None = None
-
-    def _estimate(self, sentence: str) -> float:
-        return (len(sentence) + 1) * self.tokens_per_char
-
-    def _peek(self) -> str:
-        if self.pending is None:
-            self.pending = self.stream.sentence()
-        return self.pending
-
-    def _push(self, sentence: str) -> float:
-        est = self._estimate(sentence)
-        self.sentences.append(sentence)
-        self.estimates.append(est)
-        return est
-
-    def grow(self, tokens: float, margin: float) -> None:
-        """Add roughly ``tokens`` tokens, ending within ``margin`` below the goal."""
-        added = 0.0
-        while added + self._estimate(self._peek()) <= tokens:
-            added += self._push(self._peek())
-            self.pending = None
-        while added < tokens - margin:
-            added += self._push(self.stream.short())
-        if added == 0.0:
-            self._push(self.stream.short())
-
-    def shrink(self, tokens: float, margin: float) -> None:
-        """Remove roughly ``tokens`` tokens from the end (at least one sentence)."""
-        removed = 0.0
-        while self.sentences and (removed == 0.0 or removed < tokens - margin):
-            self.sentences.pop()
-            removed += self.estimates.pop()
-
-
-def _fit_context(
-    tokenizer: Any,
-    stream: _FillerStream,
-    needle: str,
-    depth: float,
-    length: int,
-    tokens_per_char: float,
-) -> tuple[str, int]:
-    """Build a context of about ``length`` tokens around ``needle``.
-
-    Sentences are added using a per-character token estimate; the whole
-    context is then measured and sentences are added or removed in bulk, so
-    the full text is tokenized only a handful of times.  The fit aims at
-    :data:`_TARGET_TOLERANCE` (1 %, at least a few tokens) and accepts the
-    closest attempt within :data:`LENGTH_TOLERANCE` (5 %).
-
-    Returns
-    -------
-    tuple[str, int]
-        The context and its measured token count.
+    The filler for ``n`` words is the longest run of regular sentences with at most ``n`` words,
+    then the longest run of short sentences that fits in the words left (fewer than one regular
+    sentence), so the amount moves the length by a short sentence at a time while every sentence
+    stays whole.  Both runs are prefixes of seeded streams, so ``n`` alone fixes the text.
     """
-    lo = math.ceil(length * (1 - LENGTH_TOLERANCE))
-    hi = math.floor(length * (1 + LENGTH_TOLERANCE))
-    tight = min(hi - length, length - lo, max(length * _TARGET_TOLERANCE, _TARGET_MIN_TOKENS))
-    margin = max(tight / 2, 1.0)
-    hay = _Haystack(stream, tokens_per_char, [], [])
 
-    n = _count_tokens(tokenizer, needle)
-    if n > hi:
-        raise ConfigError(f"length={length} is too small: the needle alone is {n} tokens")
-    hay.grow(length - n, margin)
-    best: tuple[str, int] | None = None
-    for _ in range(_MAX_FIT_ITERS):
-        context = _assemble(hay.sentences, hay.estimates, needle, depth)
-        n = _count_tokens(tokenizer, context)
-        if lo <= n <= hi and (best is None or abs(n - length) < abs(best[1] - length)):
-            best = (context, n)
-        if abs(n - length) <= tight:
-            return context, n
-        if n < length:
-            hay.grow(length - n, margin)
-        elif hay.sentences:
-            hay.shrink(n - length, margin)
-        elif n > hi:
-            raise ConfigError(f"length={length} is too small: the needle alone is {n} tokens")
-        else:
-            break
-    if best is not None:
-        return best
-    raise RuntimeError(
-        f"could not fit a passkey context to {length} tokens (+/-{LENGTH_TOLERANCE:.0%}); "
-        f"last attempt had {n} tokens"
-    )
+    def __init__(self, rng: random.Random) -> None:
+        regular = _FillerStream(random.Random(rng.getrandbits(64)))
+        short = _FillerStream(random.Random(rng.getrandbits(64)))
+        self._regular, self._short = LazyList(regular.sentence), LazyList(short.short)
+        self._regular_words = [0]  # _regular_words[q]: words in the first q regular sentences
+        self._short_words = [0]
+
+    @staticmethod
+    def _prefix(items: LazyList, cumulative: list[int], words: int) -> list[str]:
+        """The longest prefix of ``items`` with at most ``words`` words (``cumulative`` grows as needed)."""
+        while cumulative[-1] <= words:
+            cumulative.append(cumulative[-1] + len(items[len(cumulative) - 1].split()))
+        return items.take(bisect.bisect_right(cumulative, words) - 1)
+
+    def sentences(self, n: int) -> list[str]:
+        regular = self._prefix(self._regular, self._regular_words, n)
+        rest = n - self._regular_words[len(regular)]
+        return regular + self._prefix(self._short, self._short_words, rest)
+
+
+def _passkey_builder(rng: random.Random, needle: str, depth: float) -> Builder[str]:
+    """The context for ``n`` filler words: the filler with ``needle`` at ``depth`` (a sentence boundary).
+
+    The fit moves the length by one short sentence at a time, the unit named in its errors.
+    """
+    filler = _Filler(rng)
+
+    def build(n: int) -> str:
+        sentences = filler.sentences(n)
+        j = _insertion_index(sentences, depth)
+        return " ".join([*sentences[:j], needle, *sentences[j:]])
+
+    return Builder(build, 0, None, "short filler sentence")
 
 
 # ---------------------------------------------------------------------------
@@ -407,14 +335,16 @@ def make_passkey_samples(
     if n == 0:
         return []
 
-    tokens_per_char = _tokens_per_char(tokenizer, seed)
     samples = []
+    hint: int | None = None
     for i, sample_seed in enumerate(_sample_seeds(seed, n)):
         rng = random.Random(sample_seed)
         key = str(rng.randint(10_000, 99_999))
         depth = depth_cycle[i % len(depth_cycle)]
-        needle = NEEDLE_TEMPLATE.format(key=key)
-        context, n_tokens = _fit_context(tokenizer, _FillerStream(rng), needle, depth, length, tokens_per_char)
+        builder = _passkey_builder(rng, NEEDLE_TEMPLATE.format(key=key), depth)
+        context, n_tokens, hint = fit_amount(
+            lambda text: _count_tokens(tokenizer, text), builder, length, "a passkey context", hint
+        )
         samples.append(
             PasskeySample(
                 id=f"passkey-L{length}-s{seed}-{i}",

@@ -89,6 +89,9 @@ from typing import Any, ClassVar
 from kvframe.errors import ConfigError, unknown_name
 from kvframe.eval.metrics import string_match_all, string_match_part
 from kvframe.eval.tasks.base import Sample, Task
+from kvframe.eval.tasks.fitting import LENGTH_TOLERANCE, fit_amount
+from kvframe.eval.tasks.fitting import Builder as _Builder
+from kvframe.eval.tasks.fitting import LazyList as _LazyList
 
 __all__ = [
     "LENGTH_TOLERANCE",
@@ -134,12 +137,6 @@ _METRIC_FUNCTIONS: dict[str, Callable[[str, Sequence[str]], float]] = {
 }
 #: RULER's ``tokens_to_generate`` per sub-task (stored as ``meta["max_new_tokens"]``).
 _MAX_NEW_TOKENS = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
-
-#: Relative tolerance of the prompt length in tokens.
-LENGTH_TOLERANCE = 0.05
-_TARGET_TOLERANCE = 0.01  # the fit stops early once this close (or _TARGET_MIN_TOKENS)
-_TARGET_MIN_TOKENS = 6
-_MAX_FIT_ITERS = 48
 
 #: RULER's needle depth grid (percent): ``round(linspace(0, 100, 40))``.
 RULER_DEPTHS: tuple[int, ...] = tuple(round(100 * i / 39) for i in range(40))
@@ -385,100 +382,21 @@ class _Built:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Builder:
-    """A prompt as a pure function of its amount of filler ``n`` (``start <= n <= cap``)."""
-
-    build: Callable[[int], _Built]
-    start: int = 0
-    cap: int | None = None
-    unit: str = "filler unit"
-
-
 def fit_length(
-    tokenizer: Any, builder: _Builder, length: int, what: str, hint: int | None = None
+    tokenizer: Any, builder: _Builder[_Built], length: int, what: str, hint: int | None = None
 ) -> tuple[_Built, int, int]:
     """Choose the amount of filler so that the prompt is within :data:`LENGTH_TOLERANCE` of ``length``.
 
-    The prompt is measured with :func:`count_prompt_tokens`.  After a first probe the amount is
-    extrapolated from the measured tokens per unit, then refined by interpolation between the
-    closest amounts below and above the target (a safeguarded secant search on integers).  It
-    stops as soon as the prompt is within 1 % (at least a few tokens) of ``length`` and otherwise
-    keeps the closest prompt within the 5 % tolerance.  ``hint`` (the amount fitted for a similar
-    sample) is tried first.
-
-    Returns
-    -------
-    tuple
-        ``(built prompt, measured tokens, amount of filler)``.
-
-    Raises
-    ------
-    kvframe.errors.ConfigError
-        If ``length`` is below the prompt without filler, above what the source data can fill,
-        or cannot be hit within the tolerance (filler units too coarse for a short length).
+    :func:`kvframe.eval.tasks.fitting.fit_amount` (a safeguarded secant search on the amount,
+    ``hint`` tried first) with the prompt measured by :func:`count_prompt_tokens`.  Returns
+    ``(built prompt, measured tokens, amount of filler)``; raises ``ConfigError`` when the length
+    cannot be fitted.
     """
-    lo = math.ceil(length * (1 - LENGTH_TOLERANCE))
-    hi = math.floor(length * (1 + LENGTH_TOLERANCE))
-    tight = min(hi - length, length - lo, max(length * _TARGET_TOLERANCE, _TARGET_MIN_TOKENS))
-    seen: dict[int, tuple[int, _Built]] = {}
 
-    def measure(n: int) -> int:
-        if n not in seen:
-            b = builder.build(n)
-            seen[n] = (count_prompt_tokens(tokenizer, b.context, b.question), b)
-        return seen[n][0]
+    def measure(built: _Built) -> int:
+        return count_prompt_tokens(tokenizer, built.context, built.question)
 
-    def result(n: int) -> tuple[_Built, int, int]:
-        return seen[n][1], seen[n][0], n
-
-    start, cap = builder.start, builder.cap
-    t0 = measure(start)
-    if t0 > hi:
-        raise ConfigError(
-            f"length={length} is too small for {what}: its prompt without filler already has {t0} tokens"
-        )
-    best: int | None = start if t0 >= lo else None
-    if abs(t0 - length) <= tight:
-        return result(start)
-    n_lo, t_lo = start, t0
-    n_hi: int | None = None
-    t_hi = 0
-    n = hint if hint is not None and hint > start else start + 16
-    for _ in range(_MAX_FIT_ITERS):
-        if cap is not None:
-            n = min(n, cap)
-        t = measure(n)
-        if lo <= t <= hi and (best is None or abs(t - length) < abs(seen[best][0] - length)):
-            best = n
-        if abs(t - length) <= tight:
-            return result(n)
-        if t < length:
-            if n > n_lo:
-                n_lo, t_lo = n, t
-            if cap is not None and n >= cap:
-                break
-        elif n_hi is None or n < n_hi:
-            n_hi, t_hi = n, t
-        if n_hi is None:
-            rate = (t_lo - t0) / (n_lo - start) if n_lo > start else 0.0
-            n = n_lo + math.ceil((length - t_lo) / rate) if rate > 0 else n_lo + max(16, n_lo - start)
-            n = max(n, n_lo + 1)
-        else:
-            if n_hi - n_lo <= 1:
-                break
-            frac = (length - t_lo) / (t_hi - t_lo) if t_hi > t_lo else 0.5
-            n = min(max(n_lo + round(frac * (n_hi - n_lo)), n_lo + 1), n_hi - 1)
-    if best is not None:
-        return result(best)
-    if n_hi is None and cap is not None and n_lo >= cap:
-        raise ConfigError(
-            f"length={length} is too large for {what}: the source data fills at most {seen[cap][0]} tokens"
-        )
-    raise ConfigError(
-        f"cannot fit {what} to length={length} tokens (+/-{LENGTH_TOLERANCE:.0%}): one {builder.unit} is too "
-        f"coarse at this length (closest prompts: {t_lo} and {t_hi} tokens); use a larger length"
-    )
+    return fit_amount(measure, builder, length, what, hint)
 
 
 # ---------------------------------------------------------------------------
@@ -536,18 +454,6 @@ def _unique_value(rng: random.Random, kind: str, used: set[str]) -> str:
 
 def _join_keys(keys: Sequence[str]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + ", and " + keys[-1]
-
-
-class _LazyList:
-    """A list extended on demand from a seeded generator, so its prefixes never change."""
-
-    def __init__(self, make: Callable[[], str]) -> None:
-        self._make, self._items = make, []
-
-    def take(self, n: int) -> list[str]:
-        while len(self._items) < n:
-            self._items.append(self._make())
-        return self._items[:n]
 
 
 # ---------------------------------------------------------------------------
