@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
 import signal
@@ -135,25 +134,6 @@ def _close_loggers(loggers: list[Any]) -> None:
             lg._experiment = None
 
 
-def _model_identity(name: str, model: Any) -> dict[str, Any]:
-    """Which weights the run uses: the built-in model's conversion, or the hub commit / local files."""
-    from kvframe.eval.models import SMOLLM2, resolve_model_name, smollm2_cache_path
-
-    if resolve_model_name(name) == SMOLLM2:
-        meta = smollm2_cache_path() / "kvframe_cache.json"
-        return {"name": SMOLLM2, "conversion": json.loads(meta.read_text()) if meta.is_file() else None}
-    commit = getattr(model.config, "_commit_hash", None)
-    path = Path(name)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-        digest = hashlib.sha256()
-        for p in files:
-            st = p.stat()
-            digest.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return {"name": str(path.resolve()), "files": digest.hexdigest()}
-    return {"name": name, "commit": commit}
-
-
 @dataclass
 class _Cell:
     plan: CellPlan
@@ -172,11 +152,12 @@ class _Cell:
         return f"{self.plan.label} / {b} / {self.task.label}"
 
 
-def _plan(cfg: DictConfig, tasks: list[TaskPlan], cells: list[CellPlan], model: Any, tok: Any, device_type: str) -> list[_Cell]:
+def _plan(cfg: DictConfig, tasks: list[TaskPlan], cells: list[CellPlan], tok: Any, device_type: str) -> list[_Cell]:
     from kvframe.eval.config import task_config
+    from kvframe.eval.models import model_fingerprint
     from kvframe.eval.tasks.base import content_hash
 
-    model_id = _model_identity(cfg.model, model)
+    model_id = model_fingerprint(cfg.model)
     out = []
     for tp in tasks:
         samples = tp.task.samples(tok)
@@ -225,7 +206,7 @@ def _run(cfg: DictConfig, tasks: list[TaskPlan], plans: list[CellPlan], user_wan
 
     accelerator, device = _accelerator(cfg.device)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    cells = _plan(cfg, tasks, plans, model, tok, torch.device(device).type)
+    cells = _plan(cfg, tasks, plans, tok, torch.device(device).type)
     pred_path = run_dir / "predictions.jsonl"
     cells_path = run_dir / "cells.json"
     if rank0:
