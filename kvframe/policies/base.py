@@ -8,8 +8,10 @@
 - :class:`BudgetSchedule`: how many slots each layer and head keeps, and (through its trigger)
   when compression runs.
 
-Every policy is a small dataclass whose fields are its hyperparameters; ``__post_init__``
-validates them and raises :class:`~kvframe.errors.ConfigError` naming the bad value.
+Every policy is a small dataclass whose fields are its hyperparameters. Their types are the
+contract (:mod:`kvframe.policies.contracts`): :class:`Policy` checks every field against its
+annotation after ``__init__`` and raises :class:`~kvframe.errors.ConfigError` naming the bad value
+and what is accepted; :meth:`Policy.validate` holds what a type cannot say.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
+from kvframe.policies.contracts import check_fields
 from kvframe.slots import SlotState
 
 
@@ -51,12 +54,17 @@ class Policy:
             out[f.name] = getattr(self, f.name)
         return out
 
-    # validation helpers -----------------------------------------------------------------
-    def _check(self, ok: bool, field_name: str, accepted: str) -> None:
-        if not ok:
-            raise ConfigError(
-                f"{self.kind} {self.name!r}: invalid {field_name}={getattr(self, field_name)!r}; accepted: {accepted}"
-            )
+    def __post_init__(self) -> None:
+        """Check every hyperparameter against its field type, then :meth:`validate`. Runs for every
+        dataclass policy (subclasses put their own checks in :meth:`validate`, not here), so a bad
+        value fails when the compressor is built, never mid-generation."""
+        check_fields(self, f"{self.kind} {self.name!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks the field types cannot express (several fields together, values interpreted
+        by other code). Raise :class:`~kvframe.errors.ConfigError`, e.g. through
+        :func:`~kvframe.policies.contracts.field_error`."""
 
 
 @dataclass

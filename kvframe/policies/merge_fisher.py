@@ -21,13 +21,13 @@ halves them, contradicting the sum convention); the value merge keeps summing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, KeyMerge, Selection
+from kvframe.policies.contracts import Interval
 from kvframe.policies.groups import group_sum
 from kvframe.policies.prerope import finish_keys, group_assign, group_counts, pre_rope_keys
 from kvframe.registry import register
@@ -45,10 +45,7 @@ def fisher_merge(keys: Tensor, grad: Tensor, eps: float = 1e-21) -> Tensor:
 class FisherKeyMerge(KeyMerge):
     needs_rope: ClassVar[bool] = True
     stats: ClassVar[tuple[str, ...]] = ("grad",)
-    eps: float = 1e-21
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.eps, Real) and not isinstance(self.eps, bool) and 0 <= self.eps < 1e-3, "eps", "a number in [0, 1e-3)")
+    eps: Annotated[float, Interval(0, 1e-3, closed="[)")] = 1e-21
 
     def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         if selection.assign is None:

@@ -33,20 +33,21 @@ average.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
 from kvframe.policies.base import CompressionContext, KeyMerge, Selection
+from kvframe.policies.contracts import Ge, Note
 from kvframe.policies.groups import group_sum, valid_rank
 from kvframe.policies.prerope import finish_keys, group_assign, group_counts, pre_rope_keys
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
 EPS = 1e-21
-NORMS = ("l1_code", "l2")
+Norm = Literal["l1_code", "l2"]
 
 
 # --------------------------------------------------------------------------- paper math (section 2.2)
@@ -64,7 +65,7 @@ def softmax_output_c12(alpha: Tensor, values: Tensor, m: int, n: int | None = No
     return -alpha[m] * alpha[n] * (values[m] + values[n] - 2 * o)
 
 
-def vector_norm(x: Tensor, norm: str) -> Tensor:
+def vector_norm(x: Tensor, norm: Norm) -> Tensor:
     """L1 (the code's deviation norm) or L2 norm over the last dimension."""
     return x.abs().sum(-1) if norm == "l1_code" else x.norm(dim=-1)
 
@@ -102,7 +103,7 @@ def summed_values(state: SlotState) -> Tensor:
     return state.values.float() * count[..., None]
 
 
-def hessian_proxy(state: SlotState, n_sink: int, norm: str = "l1_code") -> tuple[Tensor, Tensor, Tensor]:
+def hessian_proxy(state: SlotState, n_sink: int, norm: Norm = "l1_code") -> tuple[Tensor, Tensor, Tensor]:
     """``(alpha, h, o)``: attention share, fresh proxy ``h_j = alpha_j (1 - 2 alpha_j) ||V_j - o||``
     (``[B, H, T]``, 0 for sinks and padding) and the aggregated output ``o`` ``[B, H, D]``."""
     alpha = attention_share(state, n_sink)
@@ -120,20 +121,12 @@ class KVSlimmerKeyMerge(KeyMerge):
     stats: ClassVar[tuple[str, ...]] = ("window_attn",)
     provides: ClassVar[tuple[str, ...]] = ("hproxy", "hproxy_set")
 
-    n_sink: int = 32
-    norm: str = "l1_code"
-    power: int = 1
+    n_sink: Annotated[int, Ge(0), Note("sink slots, proxy 0")] = 32
+    norm: Norm = "l1_code"
+    power: Annotated[Literal[1, 2], Note("1: first powers, the code; 2: squared, Eq. 33 as transcribed")] = 1
     exact_c12: bool = False
     guard: bool = True
     smoothing: bool = True
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink", "an integer >= 0 (sink slots, proxy 0)")
-        self._check(self.norm in NORMS, "norm", ", ".join(NORMS))
-        self._check(self.power in (1, 2) and not isinstance(self.power, bool), "power", "1 (first powers, the code) or 2 (squared, Eq. 33 as transcribed)")
-        self._check(isinstance(self.exact_c12, bool), "exact_c12", "true or false")
-        self._check(isinstance(self.guard, bool), "guard", "true or false")
-        self._check(isinstance(self.smoothing, bool), "smoothing", "true or false")
 
     # ------------------------------------------------------------------------------------
     def observe(self, state: SlotState, ctx: CompressionContext) -> SlotState:

@@ -30,39 +30,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
 from kvframe.policies.base import CompressionContext, Selection, Selector
+from kvframe.policies.contracts import Ge, Gt, Note
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
 #: AsymKV's position temperature, ``4096 / ln 512`` (methods.md section 1.4 step 3).
 DEFAULT_GAMMA = 4096.0 / math.log(512.0)
-OVERLAP_MODES = ("parity", "disjoint")
 
 
 @register("selector", "adjacent_pairs")
 @dataclass
 class AdjacentPairsSelector(Selector):
-    n_sink: int = 32
-    gamma: float | None = None
+    n_sink: Annotated[int, Ge(0), Note("sink slots, never merged")] = 32
+    gamma: Annotated[float | None, Gt(0), Note("position temperature; null for 4096/ln(512)")] = None
     count_factor: bool = True
-    overlap: str = "parity"
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink", "an integer >= 0 (sink slots, never merged)")
-        self._check(
-            self.gamma is None
-            or (isinstance(self.gamma, Real) and not isinstance(self.gamma, bool) and math.isfinite(self.gamma) and self.gamma > 0),
-            "gamma",
-            "a number > 0 (position temperature), or null for 4096/ln(512)",
-        )
-        self._check(isinstance(self.count_factor, bool), "count_factor", "true or false")
-        self._check(self.overlap in OVERLAP_MODES, "overlap", ", ".join(OVERLAP_MODES))
+    overlap: Literal["parity", "disjoint"] = "parity"
 
     @property
     def temperature(self) -> float:

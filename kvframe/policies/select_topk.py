@@ -9,6 +9,7 @@ policies; with the ``drop`` merges it is plain eviction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -18,7 +19,8 @@ from kvframe.registry import register
 from kvframe.slots import SlotState
 
 
-FOLDS = ("none", "right")
+#: Where a dropped slot goes: nowhere, or into the next kept slot to its right.
+Fold = Literal["none", "right"]
 
 
 def keep_mask_to_selection(chosen: Tensor) -> Selection:
@@ -50,10 +52,7 @@ def topk_mask(scores: Tensor, budgets: Tensor, valid: Tensor) -> Tensor:
 @register("selector", "topk")
 @dataclass
 class TopKSelector(Selector):
-    fold: str = "none"
-
-    def __post_init__(self) -> None:
-        self._check(self.fold in FOLDS, "fold", ", ".join(FOLDS))
+    fold: Fold = "none"
 
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         sel = keep_mask_to_selection(topk_mask(scores, budgets, state.valid))
