@@ -249,10 +249,9 @@ class Compressor:
             pos = group_amax(torch.where(state.valid, state.positions, -1), selection.assign, kept.num_slots, -1)
             kept = kept.replace(positions=torch.where(kept.valid, torch.maximum(pos, kept.positions), kept.positions))
         merged = self.key_merge.merge(state, selection, kept, ctx)
-        keys, key_stats = merged if isinstance(merged, tuple) else (merged, {})
         values, log_weights = self.value_merge.merge(state, selection, kept, ctx)
-        out = kept.replace(keys=keys, values=values, log_weights=log_weights)
-        return out.with_stats(**key_stats) if key_stats else out
+        out = kept.replace(keys=merged.keys, values=values, log_weights=log_weights)
+        return out.with_stats(**merged.stats) if merged.stats else out
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved composition (what ``kvframe show`` prints)."""

@@ -3,7 +3,8 @@
 - :class:`Scorer`: slot importance ``[B, H, T]`` (higher is kept first).
 - :class:`Selector`: from scores and per-head budgets, which slots to keep, and for each dropped
   slot where it goes (dropped, or folded into a kept slot).
-- :class:`KeyMerge`: the key of every kept slot, given what was folded into it.
+- :class:`KeyMerge`: the key of every kept slot, given what was folded into it
+  (:class:`MergedKeys`).
 - :class:`ValueMerge`: the value and log-weight of every kept slot.
 - :class:`BudgetSchedule`: how many slots each layer and head keeps, and (through its trigger)
   when compression runs.
@@ -242,14 +243,30 @@ class Selector(Policy):
         raise NotImplementedError
 
 
+@dataclass
+class MergedKeys:
+    """What a key merge returns, one type for every key merge (so the compressor, compiled or not,
+    never inspects the result's shape).
+
+    Attributes
+    ----------
+    keys:
+        ``[B, H, S, D]`` keys of the kept slots, rotated at ``kept.positions``.
+    stats:
+        Per-slot statistics of the kept slots the merge updates (``[B, H, S, ...]`` each, e.g. a
+        propagated Hessian proxy); empty when it updates none.
+    """
+
+    keys: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
 class KeyMerge(Policy):
-    """The keys of the kept slots. ``merge`` returns the keys ``[B, H, S, D]`` (rotated at
-    ``kept.positions``), or ``(keys, stats)`` where ``stats`` updates per-slot statistics of the
-    kept slots (e.g. a propagated Hessian proxy)."""
+    """The keys of the kept slots, and the statistics the merge updates (:class:`MergedKeys`)."""
 
     kind: ClassVar[str] = "key_merge"
 
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor | tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:  # pragma: no cover
         raise NotImplementedError
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
-from kvframe.policies.base import CompressionContext, KeyMerge, Selection
+from kvframe.policies.base import CompressionContext, KeyMerge, MergedKeys, Selection
 from kvframe.policies.contracts import Ge, Note
 from kvframe.policies.groups import group_sum, valid_rank
 from kvframe.policies.prerope import finish_keys, group_assign, group_counts, pre_rope_keys
@@ -139,14 +139,14 @@ class KVSlimmerKeyMerge(KeyMerge):
             h = torch.where((was_set > 0.5) & state.valid, smoothed, h_new)
         return state.with_stats(hproxy=h, hproxy_set=state.valid.float())
 
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:
         alpha, h_fresh, o = hessian_proxy(state, self.n_sink, self.norm)
         h = state.stats["hproxy"].float() if "hproxy" in state.stats else h_fresh
         h = torch.where(state.valid, h, 0.0)
         h_kept = torch.where(kept.valid, h.gather(-1, selection.keep), 0.0)
         done = {"hproxy": h_kept, "hproxy_set": kept.valid.float()}
         if selection.assign is None:
-            return kept.keys, done
+            return MergedKeys(kept.keys, done)
         s, t = kept.num_slots, state.num_slots
         assign = group_assign(selection, state)
         member = assign >= 0
@@ -183,7 +183,7 @@ class KVSlimmerKeyMerge(KeyMerge):
         keys = finish_keys(merged, multi, kept, ctx)
         h_new = group_sum(w**2 * h, assign, s)
         done["hproxy"] = torch.where(multi & kept.valid, h_new, h_kept)
-        return keys, done
+        return MergedKeys(keys, done)
 
     @staticmethod
     def _guarded(w: Tensor, total: Tensor, hp: Tensor, member: Tensor, assign: Tensor, idx: Tensor, size: Tensor) -> Tensor:
