@@ -1,8 +1,8 @@
 """The five policy kinds a compressor is composed of, and what they exchange.
 
 - :class:`Scorer`: slot importance ``[B, H, T]`` (higher is kept first).
-- :class:`Selector`: from scores and per-head budgets, which slots to keep, and for each dropped
-  slot where it goes (dropped, or folded into a kept slot).
+- :class:`Selector`: from scores (if it uses them) and per-head budgets, which slots to keep, and
+  for each dropped slot where it goes (dropped, or folded into a kept slot).
 - :class:`KeyMerge`: the key of every kept slot, given what was folded into it
   (:class:`MergedKeys`).
 - :class:`ValueMerge`: the value and log-weight of every kept slot.
@@ -234,12 +234,19 @@ class Scorer(Policy):
 
 class Selector(Policy):
     kind: ClassVar[str] = "selector"
+    #: False for selectors that choose slots without scores (BalanceKV's halving): a compressor
+    #: with such a selector needs no scorer, and without one ``select`` gets ``scores=None``.
+    uses_scores: ClassVar[bool] = True
 
     def needs_compression(self, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> bool:
         """False when selection would keep every slot (the compressor then returns the state as is)."""
         return not (bool(state.valid.all()) and bool((budgets >= state.content_slots()).all()))
 
-    def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:  # pragma: no cover
+    def select(self, scores: Tensor | None, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:  # pragma: no cover
+        """The kept slots, from ``scores`` ``[B, H, T]`` (higher is kept first) and ``budgets`` ``[B, H]``.
+
+        ``scores`` is ``None`` only for a selector whose ``uses_scores`` is false, in a compressor
+        without a scorer; a selector that uses scores always gets them."""
         raise NotImplementedError
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from torch import Tensor
@@ -214,6 +214,8 @@ def uniform_halving(
 class _HalvingSelector(Selector):
     """Layout shared by BalanceKV and its uniform baseline: ``[sink | halved middle | window]``."""
 
+    uses_scores: ClassVar[bool] = False  # the halving looks at keys and values, never at scores
+
     n_sink: Annotated[int, Ge(0)] = 32
     window: Annotated[int, Ge(0)] = 32
     itrs: Annotated[int | None, Ge(0), Note("halving rounds; null derives them from the budget")] = None
@@ -239,7 +241,7 @@ class _HalvingSelector(Selector):
         """``(indices, weights)`` of the kept middle tokens of ``[G, n, d]`` after ``itrs`` rounds."""
         raise NotImplementedError  # pragma: no cover
 
-    def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
+    def select(self, scores: Tensor | None, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         valid = state.valid
         b, h, t = valid.shape
         dev = valid.device
