@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvframe.errors import UnsupportedModelError
-from kvframe.slots import INVALID_POSITION, SlotState
+from kvframe.slots import SlotState
 
 if TYPE_CHECKING:
     from kvframe.compressor import Compressor
@@ -246,9 +246,3 @@ class SlotCache(Cache):
 
     def slot_states(self) -> list[SlotState | None]:
         return [layer.state for layer in self.layers]
-
-
-def invalidate(state: SlotState, mask: Tensor) -> SlotState:
-    """Mark slots where ``mask`` is true as padding."""
-    valid = state.valid & ~mask
-    return state.replace(valid=valid, positions=torch.where(valid, state.positions, INVALID_POSITION))

@@ -17,7 +17,6 @@ and what is accepted; :meth:`Policy.validate` holds what a type cannot say.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -122,7 +121,6 @@ class CompressionContext:
     strict: bool = True
     step: int = 0
     budgets: Tensor | None = None
-    _rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
     _window_scores: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def require_queries(self, who: str) -> Tensor:
@@ -136,8 +134,9 @@ class CompressionContext:
     def window_scores(self, state: SlotState, window: int, who: str = "scorer") -> Tensor:
         """Attention of the last ``window`` queries per slot, ``[B, H_kv, T]`` float32.
 
-        ``sum over the window queries and mean over the G query heads of each KV head`` of the rows
-        :meth:`attention_rows` would return, divided by the number of valid window queries: the op
+        The softmax rows of the window queries over the slots (with the slots' log-weights, invalid
+        and future slots masked), summed over the window queries and averaged over the ``G`` query
+        heads of each KV head, divided by the number of valid window queries: the op
         ``kvframe::window_scores`` (:func:`kvframe.kernels.window.window_scores`), which never holds
         all ``G x w x T`` probabilities at once."""
         from kvframe.kernels.window import window_scores
@@ -163,40 +162,6 @@ class CompressionContext:
         )
         self._window_scores[w] = out
         return out
-
-    def attention_rows(self, state: SlotState, window: int, who: str = "scorer") -> Tensor:
-        """Attention probabilities of the last ``window`` queries over the slots.
-
-        Returns ``[B, H_kv, G, w, T]`` in float32 (``G`` query heads per KV head), with the slots'
-        log-weights added, invalid slots and keys after each query's position masked out. Only these
-        ``w`` rows are computed, never the full ``Q x T`` matrix. Padding queries get all-zero rows.
-        """
-        q = self.require_queries(who)
-        w = min(window, q.shape[2])
-        if w in self._rows:
-            return self._rows[w]
-        b, hq, _, d = q.shape
-        h = state.num_heads
-        if hq % h:
-            raise ConfigError(f"query heads ({hq}) is not a multiple of KV heads ({h})")
-        g = hq // h
-        qw = q[:, :, -w:, :].float().reshape(b, h, g, w, d)
-        scale = self.scaling if self.scaling is not None else 1.0 / math.sqrt(d)
-        logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, state.keys.float()) * scale
-        visible = state.valid[:, :, None, None, :]
-        if self.query_positions is not None:
-            qpos = self.query_positions[:, -w:].to(state.positions.device)
-            visible = visible & (state.positions[:, :, None, None, :] <= qpos[:, None, None, :, None])
-            if self.sliding_window is not None:
-                visible = visible & (qpos[:, None, None, :, None] - state.positions[:, :, None, None, :] < self.sliding_window)
-        logits = logits + state.log_weights[:, :, None, None, :]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        rows = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        if self.query_valid is not None:
-            qv = self.query_valid[:, -w:].to(rows.device)
-            rows = rows * qv[:, None, None, :, None]
-        self._rows[w] = rows
-        return rows
 
 
 @dataclass

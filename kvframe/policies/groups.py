@@ -53,14 +53,6 @@ def group_amax(x: Tensor, assign: Tensor, num_kept: int, fill: float | int) -> T
     return out[:, :, :num_kept]
 
 
-def group_size(selection: Selection, valid: Tensor) -> Tensor:
-    """``[B, H, S]`` number of input slots in each group (1 for a slot nothing was folded into)."""
-    s = selection.keep.shape[-1]
-    if selection.assign is None:
-        return selection.keep_valid.long()
-    return group_sum((valid & (selection.assign >= 0)).long(), selection.assign, s)
-
-
 def kept_assign(keep: Tensor, keep_valid: Tensor, num_slots: int) -> Tensor:
     """``[B, H, T]`` assignment in which every kept slot maps to itself and every other slot is dropped."""
     b, h, s = keep.shape
