@@ -25,6 +25,17 @@ def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:
     return rank, rank_end
 
 
+def true_slots_first(mask: Tensor) -> Tensor:
+    """``[..., T]`` the slot indices where ``mask`` is true, ascending, then the other indices
+    ascending, stored as ``index + T`` (so ``< T`` tells the two apart).
+
+    The layout every selector builds its result from: kept (or valid) slots first in position
+    order, padding after, without a data-dependent size."""
+    t = mask.shape[-1]
+    ar = torch.arange(t, device=mask.device)
+    return torch.where(mask, ar, ar + t).sort(dim=-1).values
+
+
 def protected_mask(valid: Tensor, n_sink: int, n_recent: Tensor | int) -> Tensor:
     """``[B, H, T]`` true for the first ``n_sink`` and the last ``n_recent`` valid slots of each head."""
     rank, rank_end = valid_rank(valid)

@@ -38,6 +38,7 @@ from torch import Tensor
 from kvframe.errors import ConfigError
 from kvframe.policies.base import CompressionContext, Selection, Selector
 from kvframe.policies.contracts import Ge, Gt, Note
+from kvframe.policies.groups import true_slots_first
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -67,7 +68,7 @@ class AdjacentPairsSelector(Selector):
         """
         b, h, t = state.valid.shape
         ar = torch.arange(t, device=scores.device)
-        key = torch.where(state.valid, ar, ar + t).sort(dim=-1).values
+        key = true_slots_first(state.valid)
         slot = torch.where(key < t, key, key - t)  # valid slots first, in position order
         n = state.valid[:, 0].sum(-1)  # [B]
         rank_ok = ar[None, :] < n[:, None]  # [B, T]
@@ -159,7 +160,7 @@ class AdjacentPairsSelector(Selector):
         absorbs = chosen & keep_r[:, :-1]  # left slot survives: the right one folds into it
         assign_r[:, 1:] = torch.where(absorbs, kidx[:, :-1], assign_r[:, 1:])  # else lost (overlap)
         s = max(int(keep_r.sum(-1).max()), 1) if b else 1
-        kept_rank = torch.where(keep_r, ar, ar + t).sort(dim=-1).values[:, :s]
+        kept_rank = true_slots_first(keep_r)[:, :s]
         keep_valid_r = kept_rank < t
         kept_rank = torch.where(keep_valid_r, kept_rank, 0)
         keep = slot.gather(-1, kept_rank[:, None, :].expand(b, h, s))

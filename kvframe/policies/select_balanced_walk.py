@@ -39,6 +39,7 @@ from kvframe.kernels.walk import balance_kernel as balance_kernel  # re-exported
 from kvframe.kernels.walk import balance_signs
 from kvframe.policies.base import CompressionContext, Selection, Selector
 from kvframe.policies.contracts import Ge, Gt, Note
+from kvframe.policies.groups import true_slots_first
 from kvframe.policies.select_topk import keep_mask_to_selection
 from kvframe.registry import register
 from kvframe.slots import SlotState
@@ -251,7 +252,6 @@ class _HalvingSelector(Selector):
         chosen = valid.clone()
         weight = torch.ones(b, h, t, dtype=torch.float32, device=dev)
         full = torch.ones(b, h, t, dtype=torch.float32, device=dev)
-        ar = torch.arange(t, device=dev)
         for row in range(b):
             groups: dict[tuple[int, int], list[int]] = {}
             for head in range(h):
@@ -264,7 +264,7 @@ class _HalvingSelector(Selector):
                     continue
                 hs = torch.tensor(heads, device=dev)
                 v = valid[row, hs]  # [G, T]
-                slots = torch.where(v, ar, ar + t).sort(dim=-1).values[:, :n]  # valid slot indices, ascending
+                slots = true_slots_first(v)[:, :n]  # valid slot indices, ascending
                 mid = slots[:, ns : ns + n_mid]  # [G, n_mid]
                 d = state.keys.shape[-1]
                 k_mid = state.keys[row, hs].gather(1, mid[..., None].expand(-1, -1, d))
