@@ -19,6 +19,7 @@ from kvframe.policies.base import (
     BudgetSchedule,
     CompressionContext,
     KeyMerge,
+    MergedKeys,
     Scorer,
     Selector,
     Trigger,
@@ -257,6 +258,11 @@ class Compressor:
             pos = group_amax(torch.where(state.valid, state.positions, -1), selection.assign, kept.num_slots, -1)
             kept = kept.replace(positions=torch.where(kept.valid, torch.maximum(pos, kept.positions), kept.positions))
         merged = self.key_merge.merge(state, selection, kept, ctx)
+        if not isinstance(merged, MergedKeys):  # resolved while tracing: no branch in a compiled graph
+            raise ConfigError(
+                f"key_merge {self.key_merge.name!r} returned {type(merged).__name__}; a key merge returns "
+                "kvframe.policies.MergedKeys(keys, stats)"
+            )
         values, log_weights = self.value_merge.merge(state, selection, kept, ctx)
         out = kept.replace(keys=merged.keys, values=values, log_weights=log_weights)
         return out.with_stats(**merged.stats) if merged.stats else out

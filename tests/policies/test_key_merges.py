@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvframe
 from kvframe import registry
 from kvframe.policies import CompressionContext, MergedKeys, Selection
 from kvframe.slots import SlotState
@@ -39,3 +40,25 @@ def test_key_merges_return_merged_keys(entry, how):
     assert all(stat.shape[:3] == kept.valid.shape for stat in out.stats.values())
     if how == "evict":
         assert torch.equal(out.keys, kept.keys)  # nothing folded: every key kept bit for bit
+
+
+def test_a_key_merge_returning_a_bare_tensor_is_named():
+    """A key merge written for the old tensor-or-tuple result fails with a message saying what to return."""
+    from dataclasses import dataclass
+
+    from kvframe.compressor import Compressor
+    from kvframe.errors import ConfigError
+    from kvframe.policies import KeyMerge
+
+    @dataclass
+    class BareKeys(KeyMerge):
+        name = "bare_keys"
+
+        def merge(self, state, selection, kept, ctx):
+            return kept.keys
+
+    names = {"scorer": "knorm", "selector": "topk", "value_merge": "drop", "schedule": "uniform", "trigger": "after_prefill"}
+    policies = {kind: registry.get_policy(kind, name)() for kind, name in names.items()}
+    comp = Compressor(key_merge=BareKeys(), budget=0.5, compile=False, **policies)
+    with pytest.raises(ConfigError, match=r"key_merge 'bare_keys' returned Tensor; a key merge returns .*MergedKeys"):
+        kvframe.compress(comp, torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4))
