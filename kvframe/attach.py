@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from kvframe.attention import ATTENTION_NAME, kvframe_attention, kvframe_mask
-from kvframe.cache import SUPPORTED_LAYER_TYPES, SlotCache
+from kvframe.cache import SlotCache, layer_types
 from kvframe.chunked import chunked_forward, num_tokens
 from kvframe.compressor import Compressor
 from kvframe.errors import ConfigError, UnsupportedModelError
@@ -80,9 +80,12 @@ class Attachment:
         return cache
 
 
-def cache_argument(model: Any) -> str:
-    """The name under which ``model``'s forward takes its cache (``cache`` from transformers 5.24)."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+def cache_argument(model: Any, forward: Callable[..., Any] | None = None) -> str:
+    """The name under which ``model``'s forward (or ``forward``, a wrapper of it) takes its cache:
+    ``cache`` from transformers 5.24 (``past_key_values`` is then a deprecated alias), else
+    ``past_key_values``."""
+    params = inspect.signature(forward if forward is not None else type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def check_model(model: Any) -> None:
@@ -100,15 +103,7 @@ def check_model(model: Any) -> None:
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
             "so kvframe cannot attach to it"
         )
-    n = getattr(config, "num_hidden_layers", None)
-    if not n:
-        raise UnsupportedModelError(f"{type(model).__name__}: config has no num_hidden_layers")
-    types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
-    bad = sorted({t for t in types if t not in SUPPORTED_LAYER_TYPES})
-    if bad:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} ({config.model_type}) has layer types {bad}; kvframe supports {', '.join(SUPPORTED_LAYER_TYPES)}"
-        )
+    layer_types(model)
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise UnsupportedModelError(f"{type(model).__name__} uses attention logit soft-capping, which kvframe does not support")
 
@@ -166,8 +161,7 @@ def attach(model: Any, compressor: Compressor) -> Iterator[Attachment]:
 def _wrap_forward(model: Any, handle: Attachment) -> Any:
     original = model.forward  # bound method (class forward, or a previous instance wrapper)
     sig = inspect.signature(original)
-    # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is a deprecated alias)
-    cache_arg = "cache" if "cache" in sig.parameters else "past_key_values"
+    cache_arg = cache_argument(model, original)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     accepts_keep = "logits_to_keep" in sig.parameters
 

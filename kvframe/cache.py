@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvframe.errors import UnsupportedModelError
-from kvframe.slots import INVALID_POSITION, SlotState
+from kvframe.slots import SlotState
 
 if TYPE_CHECKING:
     from kvframe.compressor import Compressor
@@ -33,6 +33,23 @@ ACTIVE_UPDATE: contextvars.ContextVar[tuple[SlotCache, int] | None] = contextvar
 )
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_types(model: Any) -> list[str]:
+    """The attention type of every decoder layer of ``model`` (``full_attention`` where the config
+    lists none). Raises :class:`UnsupportedModelError` for a type kvframe cannot cache, so attaching
+    and building a cache refuse the same models with the same message."""
+    config = model.config.get_text_config(decoder=True)
+    n = getattr(config, "num_hidden_layers", None)
+    if not n:
+        raise UnsupportedModelError(f"{type(model).__name__}: config has no num_hidden_layers")
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+    bad = sorted({t for t in types if t not in SUPPORTED_LAYER_TYPES})
+    if bad:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({config.model_type}) has layer types {bad}; kvframe supports {', '.join(SUPPORTED_LAYER_TYPES)}"
+        )
+    return types
 
 
 class SlotLayer(CacheLayerMixin):
@@ -209,17 +226,11 @@ class SlotCache(Cache):
     def for_model(cls, model: Any, compressor: Compressor) -> SlotCache:
         from kvframe.rope import Rotary
 
+        types = layer_types(model)
         config = model.config.get_text_config(decoder=True)
-        n = config.num_hidden_layers
-        types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
-        bad = sorted({t for t in types if t not in SUPPORTED_LAYER_TYPES})
-        if bad:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has layer types {bad} that kvframe cannot cache; supported: {', '.join(SUPPORTED_LAYER_TYPES)}"
-            )
         windows = [config.sliding_window if t == "sliding_attention" else None for t in types]
         rope = Rotary.from_model(model) if compressor.needs_rope else None
-        return cls(compressor, n, windows, rope)
+        return cls(compressor, config.num_hidden_layers, windows, rope)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         out = self.layers[layer_idx].update(key_states, value_states)
@@ -246,9 +257,3 @@ class SlotCache(Cache):
 
     def slot_states(self) -> list[SlotState | None]:
         return [layer.state for layer in self.layers]
-
-
-def invalidate(state: SlotState, mask: Tensor) -> SlotState:
-    """Mark slots where ``mask`` is true as padding."""
-    valid = state.valid & ~mask
-    return state.replace(valid=valid, positions=torch.where(valid, state.positions, INVALID_POSITION))

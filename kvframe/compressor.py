@@ -19,6 +19,7 @@ from kvframe.policies.base import (
     BudgetSchedule,
     CompressionContext,
     KeyMerge,
+    MergedKeys,
     Scorer,
     Selector,
     Trigger,
@@ -111,9 +112,10 @@ class Compressor:
         self.budget = check_budget(self.budget)
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"positions={self.positions!r}; accepted: {', '.join(POSITION_MODES)}")
-        if self.scorer is None and self.trigger.name != "never":
+        if self.scorer is None and self.selector.uses_scores and self.trigger.ever_fires:
             raise ConfigError(
-                f"compressor {self.name or '(unnamed)'} has no scorer; give one (e.g. scorer: knorm), "
+                f"compressor {self.name or '(unnamed)'} has no scorer, and selector {self.selector.name!r} keeps "
+                "slots by score; give one (e.g. scorer: knorm), use a selector that needs no scores, "
                 "or use trigger: never for no compression"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -232,15 +234,22 @@ class Compressor:
             return state, False
         return self._compress(state, ctx, budgets), True
 
-    def _compress(self, state: SlotState, ctx: CompressionContext, budgets: torch.Tensor) -> SlotState:
+    def _scores(self, state: SlotState, ctx: CompressionContext) -> torch.Tensor | None:
+        """The scorer's ``[B, H, T]`` float32 scores, or ``None`` without a scorer (allowed only for
+        a selector that uses no scores; a never-firing compressor can still be called directly)."""
         if self.scorer is None:
-            raise ConfigError(f"compressor {self.name or '(unnamed)'} has no scorer and cannot compress")
+            if self.selector.uses_scores:
+                raise ConfigError(f"compressor {self.name or '(unnamed)'} has no scorer and cannot compress")
+            return None
         scores = self.scorer.score(state, ctx).float()
         if scores.shape != state.valid.shape:
             raise ConfigError(
                 f"scorer {self.scorer.name!r} returned scores of shape {tuple(scores.shape)}; expected {tuple(state.valid.shape)}"
             )
-        selection = self.selector.select(scores, budgets, state, ctx)
+        return scores
+
+    def _compress(self, state: SlotState, ctx: CompressionContext, budgets: torch.Tensor) -> SlotState:
+        selection = self.selector.select(self._scores(state, ctx), budgets, state, ctx)
         kept = state.gather(selection.keep, selection.keep_valid)
         if selection.assign is not None:
             # a merged slot sits at the position of the last token folded into it
@@ -249,10 +258,14 @@ class Compressor:
             pos = group_amax(torch.where(state.valid, state.positions, -1), selection.assign, kept.num_slots, -1)
             kept = kept.replace(positions=torch.where(kept.valid, torch.maximum(pos, kept.positions), kept.positions))
         merged = self.key_merge.merge(state, selection, kept, ctx)
-        keys, key_stats = merged if isinstance(merged, tuple) else (merged, {})
+        if not isinstance(merged, MergedKeys):  # resolved while tracing: no branch in a compiled graph
+            raise ConfigError(
+                f"key_merge {self.key_merge.name!r} returned {type(merged).__name__}; a key merge returns "
+                "kvframe.policies.MergedKeys(keys, stats)"
+            )
         values, log_weights = self.value_merge.merge(state, selection, kept, ctx)
-        out = kept.replace(keys=keys, values=values, log_weights=log_weights)
-        return out.with_stats(**key_stats) if key_stats else out
+        out = kept.replace(keys=merged.keys, values=values, log_weights=log_weights)
+        return out.with_stats(**merged.stats) if merged.stats else out
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved composition (what ``kvframe show`` prints)."""

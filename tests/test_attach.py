@@ -101,3 +101,39 @@ def test_attach_restores_on_exception():
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert "forward" not in model.__dict__
+
+
+def test_attach_and_slot_cache_refuse_the_same_layer_types():
+    """One layer-type check serves attaching and building a cache: same refusal, same message."""
+    from kvframe.errors import UnsupportedModelError
+
+    model = tiny_model("llama")
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    comp = kvframe.build("knorm")
+    with pytest.raises(UnsupportedModelError) as attached, kvframe.attach(model, comp):
+        pass
+    with pytest.raises(UnsupportedModelError) as cached:
+        kvframe.SlotCache.for_model(model, comp)
+    assert str(attached.value) == str(cached.value)
+    assert "layer types ['linear_attention']" in str(cached.value)
+
+
+def test_cache_argument_reads_the_model_or_a_wrapper_of_its_forward():
+    import functools
+
+    from kvframe.attach import cache_argument
+
+    model = tiny_model("llama")
+    name = cache_argument(model)
+    assert name in ("cache", "past_key_values")
+
+    @functools.wraps(model.forward)
+    def wrapped(*args, **kwargs):  # pragma: no cover - never called
+        return model.forward(*args, **kwargs)
+
+    assert cache_argument(model, wrapped) == name
+
+    def legacy(input_ids=None, past_key_values=None):  # pragma: no cover - never called
+        return None
+
+    assert cache_argument(model, legacy) == "past_key_values"

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import kvframe
 from kvframe.errors import ConfigError
 from kvframe.testing import tiny_model
-from kvframe.policies.base import CompressionContext, KeyMerge, Selection
+from kvframe.policies.base import CompressionContext, KeyMerge, MergedKeys, Selection
 from kvframe.registry import register
 from kvframe.slots import SlotState
 from tests.conftest import ARCHS, left_padded
@@ -25,8 +25,8 @@ class _ReadsGrad(KeyMerge):
 
     stats = ("grad", "window_attn")
 
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext):
-        return kept.keys
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:
+        return MergedKeys(kept.keys)
 
 
 def _chunked(size, scoring, budget=1.0, key_merge="drop"):

@@ -170,3 +170,19 @@ def test_inductor_matches_eager(tmp_path, monkeypatch):
     for t in (120, 211):
         kw = _inputs(t, seed=t)
         _assert_same(_run(eager, kw)[0], _run(compiled, kw)[0])
+
+
+# ----------------------------------------------------------------------------- scorer requirement
+def test_a_selector_that_uses_scores_needs_a_scorer():
+    with pytest.raises(ConfigError, match=r"has no scorer, and selector 'topk' keeps slots by score; give one"):
+        kvframe.build({"selector": "topk", "budget": 0.5})
+    with pytest.raises(ConfigError, match=r"compressor snapkv has no scorer, and selector 'adaptive_heads'"):
+        kvframe.build("snapkv", scorer=None, selector="adaptive_heads")
+
+
+def test_no_scorer_is_fine_when_nothing_fires_or_the_selector_needs_no_scores():
+    assert kvframe.build("full").scorer is None  # trigger never: budgets and scores are irrelevant
+    comp = kvframe.build({"selector": "uniform_halving", "value_merge": "reweight", "budget": 0.25})
+    assert comp.scorer is None
+    res = kvframe.compress(comp, torch.randn(1, 2, 200, 8), torch.randn(1, 2, 200, 8))
+    assert res.kept_per_head.tolist() == [[32 + 32 + 34] * 2]  # sinks + window + a quarter of the middle

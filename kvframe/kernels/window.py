@@ -20,7 +20,7 @@ Layouts: ``queries [B, H_q, w, D]`` (the window only, any float dtype), ``keys [
 
 The torch reference computes the softmax rows with einsum + softmax, a few window queries at a
 time (at most :data:`REFERENCE_CHUNK_ELEMENTS` probabilities at once; one chunk, hence exactly the
-former ``CompressionContext.attention_rows`` computation, for usual sizes). The Triton kernels
+former attention-rows computation, kept in the tests as ``tests/kernels/reference.py``, for usual sizes). The Triton kernels
 (``_triton_window``) never hold more than a tile of probabilities: pass 1 gets each row's
 log-sum-exp over ``T``, pass 2 sums the probabilities per block of slots.
 """

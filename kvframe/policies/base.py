@@ -1,20 +1,22 @@
 """The five policy kinds a compressor is composed of, and what they exchange.
 
 - :class:`Scorer`: slot importance ``[B, H, T]`` (higher is kept first).
-- :class:`Selector`: from scores and per-head budgets, which slots to keep, and for each dropped
-  slot where it goes (dropped, or folded into a kept slot).
-- :class:`KeyMerge`: the key of every kept slot, given what was folded into it.
+- :class:`Selector`: from scores (if it uses them) and per-head budgets, which slots to keep, and
+  for each dropped slot where it goes (dropped, or folded into a kept slot).
+- :class:`KeyMerge`: the key of every kept slot, given what was folded into it
+  (:class:`MergedKeys`).
 - :class:`ValueMerge`: the value and log-weight of every kept slot.
 - :class:`BudgetSchedule`: how many slots each layer and head keeps, and (through its trigger)
   when compression runs.
 
-Every policy is a small dataclass whose fields are its hyperparameters; ``__post_init__``
-validates them and raises :class:`~kvframe.errors.ConfigError` naming the bad value.
+Every policy is a small dataclass whose fields are its hyperparameters. Their types are the
+contract (:mod:`kvframe.policies.contracts`): :class:`Policy` checks every field against its
+annotation after ``__init__`` and raises :class:`~kvframe.errors.ConfigError` naming the bad value
+and what is accepted; :meth:`Policy.validate` holds what a type cannot say.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
+from kvframe.policies.contracts import check_fields
 from kvframe.slots import SlotState
 
 
@@ -51,12 +54,17 @@ class Policy:
             out[f.name] = getattr(self, f.name)
         return out
 
-    # validation helpers -----------------------------------------------------------------
-    def _check(self, ok: bool, field_name: str, accepted: str) -> None:
-        if not ok:
-            raise ConfigError(
-                f"{self.kind} {self.name!r}: invalid {field_name}={getattr(self, field_name)!r}; accepted: {accepted}"
-            )
+    def __post_init__(self) -> None:
+        """Check every hyperparameter against its field type, then :meth:`validate`. Runs for every
+        dataclass policy (subclasses put their own checks in :meth:`validate`, not here), so a bad
+        value fails when the compressor is built, never mid-generation."""
+        check_fields(self, f"{self.kind} {self.name!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks the field types cannot express (several fields together, values interpreted
+        by other code). Raise :class:`~kvframe.errors.ConfigError`, e.g. through
+        :func:`~kvframe.policies.contracts.field_error`."""
 
 
 @dataclass
@@ -113,7 +121,6 @@ class CompressionContext:
     strict: bool = True
     step: int = 0
     budgets: Tensor | None = None
-    _rows: dict[int, Tensor] = field(default_factory=dict, repr=False)
     _window_scores: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def require_queries(self, who: str) -> Tensor:
@@ -127,8 +134,9 @@ class CompressionContext:
     def window_scores(self, state: SlotState, window: int, who: str = "scorer") -> Tensor:
         """Attention of the last ``window`` queries per slot, ``[B, H_kv, T]`` float32.
 
-        ``sum over the window queries and mean over the G query heads of each KV head`` of the rows
-        :meth:`attention_rows` would return, divided by the number of valid window queries: the op
+        The softmax rows of the window queries over the slots (with the slots' log-weights, invalid
+        and future slots masked), summed over the window queries and averaged over the ``G`` query
+        heads of each KV head, divided by the number of valid window queries: the op
         ``kvframe::window_scores`` (:func:`kvframe.kernels.window.window_scores`), which never holds
         all ``G x w x T`` probabilities at once."""
         from kvframe.kernels.window import window_scores
@@ -154,40 +162,6 @@ class CompressionContext:
         )
         self._window_scores[w] = out
         return out
-
-    def attention_rows(self, state: SlotState, window: int, who: str = "scorer") -> Tensor:
-        """Attention probabilities of the last ``window`` queries over the slots.
-
-        Returns ``[B, H_kv, G, w, T]`` in float32 (``G`` query heads per KV head), with the slots'
-        log-weights added, invalid slots and keys after each query's position masked out. Only these
-        ``w`` rows are computed, never the full ``Q x T`` matrix. Padding queries get all-zero rows.
-        """
-        q = self.require_queries(who)
-        w = min(window, q.shape[2])
-        if w in self._rows:
-            return self._rows[w]
-        b, hq, _, d = q.shape
-        h = state.num_heads
-        if hq % h:
-            raise ConfigError(f"query heads ({hq}) is not a multiple of KV heads ({h})")
-        g = hq // h
-        qw = q[:, :, -w:, :].float().reshape(b, h, g, w, d)
-        scale = self.scaling if self.scaling is not None else 1.0 / math.sqrt(d)
-        logits = torch.einsum("bhgwd,bhtd->bhgwt", qw, state.keys.float()) * scale
-        visible = state.valid[:, :, None, None, :]
-        if self.query_positions is not None:
-            qpos = self.query_positions[:, -w:].to(state.positions.device)
-            visible = visible & (state.positions[:, :, None, None, :] <= qpos[:, None, None, :, None])
-            if self.sliding_window is not None:
-                visible = visible & (qpos[:, None, None, :, None] - state.positions[:, :, None, None, :] < self.sliding_window)
-        logits = logits + state.log_weights[:, :, None, None, :]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        rows = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        if self.query_valid is not None:
-            qv = self.query_valid[:, -w:].to(rows.device)
-            rows = rows * qv[:, None, None, :, None]
-        self._rows[w] = rows
-        return rows
 
 
 @dataclass
@@ -225,23 +199,46 @@ class Scorer(Policy):
 
 class Selector(Policy):
     kind: ClassVar[str] = "selector"
+    #: False for selectors that choose slots without scores (BalanceKV's halving): a compressor
+    #: with such a selector needs no scorer, and without one ``select`` gets ``scores=None``.
+    uses_scores: ClassVar[bool] = True
 
     def needs_compression(self, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> bool:
         """False when selection would keep every slot (the compressor then returns the state as is)."""
         return not (bool(state.valid.all()) and bool((budgets >= state.content_slots()).all()))
 
-    def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:  # pragma: no cover
+    def select(self, scores: Tensor | None, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:  # pragma: no cover
+        """The kept slots, from ``scores`` ``[B, H, T]`` (higher is kept first) and ``budgets`` ``[B, H]``.
+
+        ``scores`` is ``None`` only for a selector whose ``uses_scores`` is false, in a compressor
+        without a scorer; a selector that uses scores always gets them."""
         raise NotImplementedError
 
 
+@dataclass
+class MergedKeys:
+    """What a key merge returns, one type for every key merge (so the compressor, compiled or not,
+    never inspects the result's shape).
+
+    Attributes
+    ----------
+    keys:
+        ``[B, H, S, D]`` keys of the kept slots, rotated at ``kept.positions``.
+    stats:
+        Per-slot statistics of the kept slots the merge updates (``[B, H, S, ...]`` each, e.g. a
+        propagated Hessian proxy); empty when it updates none.
+    """
+
+    keys: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
 class KeyMerge(Policy):
-    """The keys of the kept slots. ``merge`` returns the keys ``[B, H, S, D]`` (rotated at
-    ``kept.positions``), or ``(keys, stats)`` where ``stats`` updates per-slot statistics of the
-    kept slots (e.g. a propagated Hessian proxy)."""
+    """The keys of the kept slots, and the statistics the merge updates (:class:`MergedKeys`)."""
 
     kind: ClassVar[str] = "key_merge"
 
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor | tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:  # pragma: no cover
         raise NotImplementedError
 
 

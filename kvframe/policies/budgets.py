@@ -10,15 +10,16 @@ observation window) included; padding never counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
 from kvframe.policies.base import BudgetSchedule, CompressionContext
+from kvframe.policies.contracts import Ge, NonEmpty, Note
 from kvframe.registry import register
 
 
@@ -85,12 +86,8 @@ class PyramidSchedule(BudgetSchedule):
     is ``C`` (before clipping).
     """
 
-    beta: float = 20.0
-    window: int = 0
-
-    def __post_init__(self) -> None:
-        self._check(float(self.beta) >= 1.0, "beta", "a number >= 1")
-        self._check(isinstance(self.window, int) and self.window >= 0, "window", "an integer >= 0")
+    beta: Annotated[float, Ge(1)] = 20.0
+    window: Annotated[int, Ge(0)] = 0
 
     def budgets(self, budget: float | int, content: Tensor, ctx: CompressionContext) -> Tensor:
         cap = resolve_budget(budget, content, strict=ctx.strict).double()
@@ -112,10 +109,11 @@ class ExplicitSchedule(BudgetSchedule):
     a list with one budget per KV head. The compressor's own ``budget`` is not used.
     """
 
-    layers: list[Any] = field(default_factory=list)
+    # required: no list of budgets fits every model
+    layers: Annotated[list[Any], NonEmpty(), Note("one budget, or a list of per-head budgets, per layer")]
 
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.layers, (list, tuple)) and len(self.layers) > 0, "layers", "a non-empty list with one budget (or list of per-head budgets) per layer")
+    def validate(self) -> None:
+        """Every entry is a budget, checked with the message of a budget."""
         for i, entry in enumerate(self.layers):
             items = entry if isinstance(entry, (list, tuple)) else [entry]
             for j, b in enumerate(items):

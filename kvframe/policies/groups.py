@@ -25,6 +25,17 @@ def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:
     return rank, rank_end
 
 
+def true_slots_first(mask: Tensor) -> Tensor:
+    """``[..., T]`` the slot indices where ``mask`` is true, ascending, then the other indices
+    ascending, stored as ``index + T`` (so ``< T`` tells the two apart).
+
+    The layout every selector builds its result from: kept (or valid) slots first in position
+    order, padding after, without a data-dependent size."""
+    t = mask.shape[-1]
+    ar = torch.arange(t, device=mask.device)
+    return torch.where(mask, ar, ar + t).sort(dim=-1).values
+
+
 def protected_mask(valid: Tensor, n_sink: int, n_recent: Tensor | int) -> Tensor:
     """``[B, H, T]`` true for the first ``n_sink`` and the last ``n_recent`` valid slots of each head."""
     rank, rank_end = valid_rank(valid)
@@ -51,14 +62,6 @@ def group_amax(x: Tensor, assign: Tensor, num_kept: int, fill: float | int) -> T
     idx = torch.where(assign >= 0, assign, num_kept)
     out.scatter_reduce_(2, idx, x, reduce="amax", include_self=True)
     return out[:, :, :num_kept]
-
-
-def group_size(selection: Selection, valid: Tensor) -> Tensor:
-    """``[B, H, S]`` number of input slots in each group (1 for a slot nothing was folded into)."""
-    s = selection.keep.shape[-1]
-    if selection.assign is None:
-        return selection.keep_valid.long()
-    return group_sum((valid & (selection.assign >= 0)).long(), selection.assign, s)
 
 
 def kept_assign(keep: Tensor, keep_valid: Tensor, num_slots: int) -> Tensor:

@@ -16,11 +16,13 @@ is then spread over the ones that exist (``v_e / count``), so no mass is lost to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Selection, ValueMerge
+from kvframe.policies.contracts import Ge, Note
 from kvframe.policies.groups import kept_assign
 from kvframe.registry import register
 from kvframe.slots import SlotState
@@ -29,12 +31,9 @@ from kvframe.slots import SlotState
 @register("value_merge", "cam")
 @dataclass
 class CaMValueMerge(ValueMerge):
-    m: int = 16
+    m: Annotated[int, Ge(1), Note("kept slots an evicted value is spread over")] = 16
 
     stats = ("attn",)
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.m, int) and not isinstance(self.m, bool) and self.m >= 1, "m", "an integer >= 1")
 
     def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> tuple[Tensor, Tensor]:
         t = state.num_slots

@@ -19,6 +19,7 @@ or ``uniform`` (plain mean).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ from kvframe.policies.base import CompressionContext, Selection, ValueMerge
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
-WEIGHTS = ("mean_attention", "attention", "uniform")
+SlotWeights = Literal["mean_attention", "attention", "uniform"]
 
 
 def convex_merge(values: Tensor, weight: Tensor, assign: Tensor, kept_values: Tensor) -> Tensor:
@@ -45,12 +46,9 @@ def convex_merge(values: Tensor, weight: Tensor, assign: Tensor, kept_values: Te
 @register("value_merge", "convex")
 @dataclass
 class ConvexValueMerge(ValueMerge):
-    weights: str = "mean_attention"
+    weights: SlotWeights = "mean_attention"
 
     stats = ("attn", "age")
-
-    def __post_init__(self) -> None:
-        self._check(self.weights in WEIGHTS, "weights", ", ".join(WEIGHTS))
 
     def slot_weights(self, state: SlotState) -> Tensor:
         if self.weights == "uniform":

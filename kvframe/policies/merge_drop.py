@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kvframe.policies.base import CompressionContext, KeyMerge, Selection, ValueMerge
+from kvframe.policies.base import CompressionContext, KeyMerge, MergedKeys, Selection, ValueMerge
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -14,8 +14,8 @@ from kvframe.slots import SlotState
 @register("key_merge", "drop")
 @dataclass
 class DropKeys(KeyMerge):
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor:
-        return kept.keys
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:
+        return MergedKeys(kept.keys)
 
 
 @register("value_merge", "drop")

@@ -21,13 +21,13 @@ halves them, contradicting the sum convention); the value merge keeps summing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 from torch import Tensor
 
-from kvframe.policies.base import CompressionContext, KeyMerge, Selection
+from kvframe.policies.base import CompressionContext, KeyMerge, MergedKeys, Selection
+from kvframe.policies.contracts import Interval
 from kvframe.policies.groups import group_sum
 from kvframe.policies.prerope import finish_keys, group_assign, group_counts, pre_rope_keys
 from kvframe.registry import register
@@ -45,14 +45,11 @@ def fisher_merge(keys: Tensor, grad: Tensor, eps: float = 1e-21) -> Tensor:
 class FisherKeyMerge(KeyMerge):
     needs_rope: ClassVar[bool] = True
     stats: ClassVar[tuple[str, ...]] = ("grad",)
-    eps: float = 1e-21
+    eps: Annotated[float, Interval(0, 1e-3, closed="[)")] = 1e-21
 
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.eps, Real) and not isinstance(self.eps, bool) and 0 <= self.eps < 1e-3, "eps", "a number in [0, 1e-3)")
-
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:
         if selection.assign is None:
-            return kept.keys
+            return MergedKeys(kept.keys)
         s = kept.num_slots
         assign = group_assign(selection, state)
         size = group_counts(assign, s)
@@ -61,7 +58,7 @@ class FisherKeyMerge(KeyMerge):
         mean = group_sum(pre, assign, s) / size.clamp(min=1)[..., None]
         grad = state.stats.get("grad")
         if grad is None:
-            return finish_keys(mean, multi, kept, ctx)
+            return MergedKeys(finish_keys(mean, multi, kept, ctx))
         g = grad.float()
         finite = torch.isfinite(g)
         bad_group = group_sum((~finite).any(-1).long(), assign, s) > 0  # [B, H, S]
@@ -74,4 +71,4 @@ class FisherKeyMerge(KeyMerge):
         keys = finish_keys(merged, multi, kept, ctx)
         gsum = group_sum(g, assign, s).to(grad.dtype)  # raw gradients summed, not squared
         new_grad = torch.where((multi & kept.valid)[..., None], gsum, kept.stats["grad"])
-        return keys, {"grad": new_grad}
+        return MergedKeys(keys, {"grad": new_grad})

@@ -33,20 +33,21 @@ average.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
-from kvframe.policies.base import CompressionContext, KeyMerge, Selection
+from kvframe.policies.base import CompressionContext, KeyMerge, MergedKeys, Selection
+from kvframe.policies.contracts import Ge, Note
 from kvframe.policies.groups import group_sum, valid_rank
 from kvframe.policies.prerope import finish_keys, group_assign, group_counts, pre_rope_keys
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
 EPS = 1e-21
-NORMS = ("l1_code", "l2")
+Norm = Literal["l1_code", "l2"]
 
 
 # --------------------------------------------------------------------------- paper math (section 2.2)
@@ -64,7 +65,7 @@ def softmax_output_c12(alpha: Tensor, values: Tensor, m: int, n: int | None = No
     return -alpha[m] * alpha[n] * (values[m] + values[n] - 2 * o)
 
 
-def vector_norm(x: Tensor, norm: str) -> Tensor:
+def vector_norm(x: Tensor, norm: Norm) -> Tensor:
     """L1 (the code's deviation norm) or L2 norm over the last dimension."""
     return x.abs().sum(-1) if norm == "l1_code" else x.norm(dim=-1)
 
@@ -102,7 +103,7 @@ def summed_values(state: SlotState) -> Tensor:
     return state.values.float() * count[..., None]
 
 
-def hessian_proxy(state: SlotState, n_sink: int, norm: str = "l1_code") -> tuple[Tensor, Tensor, Tensor]:
+def hessian_proxy(state: SlotState, n_sink: int, norm: Norm = "l1_code") -> tuple[Tensor, Tensor, Tensor]:
     """``(alpha, h, o)``: attention share, fresh proxy ``h_j = alpha_j (1 - 2 alpha_j) ||V_j - o||``
     (``[B, H, T]``, 0 for sinks and padding) and the aggregated output ``o`` ``[B, H, D]``."""
     alpha = attention_share(state, n_sink)
@@ -120,20 +121,12 @@ class KVSlimmerKeyMerge(KeyMerge):
     stats: ClassVar[tuple[str, ...]] = ("window_attn",)
     provides: ClassVar[tuple[str, ...]] = ("hproxy", "hproxy_set")
 
-    n_sink: int = 32
-    norm: str = "l1_code"
-    power: int = 1
+    n_sink: Annotated[int, Ge(0), Note("sink slots, proxy 0")] = 32
+    norm: Norm = "l1_code"
+    power: Annotated[Literal[1, 2], Note("1: first powers, the code; 2: squared, Eq. 33 as transcribed")] = 1
     exact_c12: bool = False
     guard: bool = True
     smoothing: bool = True
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink", "an integer >= 0 (sink slots, proxy 0)")
-        self._check(self.norm in NORMS, "norm", ", ".join(NORMS))
-        self._check(self.power in (1, 2) and not isinstance(self.power, bool), "power", "1 (first powers, the code) or 2 (squared, Eq. 33 as transcribed)")
-        self._check(isinstance(self.exact_c12, bool), "exact_c12", "true or false")
-        self._check(isinstance(self.guard, bool), "guard", "true or false")
-        self._check(isinstance(self.smoothing, bool), "smoothing", "true or false")
 
     # ------------------------------------------------------------------------------------
     def observe(self, state: SlotState, ctx: CompressionContext) -> SlotState:
@@ -146,14 +139,14 @@ class KVSlimmerKeyMerge(KeyMerge):
             h = torch.where((was_set > 0.5) & state.valid, smoothed, h_new)
         return state.with_stats(hproxy=h, hproxy_set=state.valid.float())
 
-    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:
         alpha, h_fresh, o = hessian_proxy(state, self.n_sink, self.norm)
         h = state.stats["hproxy"].float() if "hproxy" in state.stats else h_fresh
         h = torch.where(state.valid, h, 0.0)
         h_kept = torch.where(kept.valid, h.gather(-1, selection.keep), 0.0)
         done = {"hproxy": h_kept, "hproxy_set": kept.valid.float()}
         if selection.assign is None:
-            return kept.keys, done
+            return MergedKeys(kept.keys, done)
         s, t = kept.num_slots, state.num_slots
         assign = group_assign(selection, state)
         member = assign >= 0
@@ -190,7 +183,7 @@ class KVSlimmerKeyMerge(KeyMerge):
         keys = finish_keys(merged, multi, kept, ctx)
         h_new = group_sum(w**2 * h, assign, s)
         done["hproxy"] = torch.where(multi & kept.valid, h_new, h_kept)
-        return keys, done
+        return MergedKeys(keys, done)
 
     @staticmethod
     def _guarded(w: Tensor, total: Tensor, hp: Tensor, member: Tensor, assign: Tensor, idx: Tensor, size: Tensor) -> Tensor:

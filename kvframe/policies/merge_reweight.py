@@ -19,6 +19,7 @@ Sinks and window slots are exact (weight 1, unchanged). The weights come from a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,16 +30,10 @@ from kvframe.policies.select_balanced_walk import WeightedSelection
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
-BIASES = ("code", "consistent")
-
-
 @register("value_merge", "reweight")
 @dataclass
 class ReweightValues(ValueMerge):
-    bias: str = "code"
-
-    def __post_init__(self) -> None:
-        self._check(self.bias in BIASES, "bias", ", ".join(BIASES))
+    bias: Literal["code", "consistent"] = "code"
 
     def merge(
         self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext

@@ -16,15 +16,15 @@ sits at its last token's position), so here the clamp affects only the weight, n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Real
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from kvframe.kernels.compact import group_reduce
 from kvframe.policies.base import CompressionContext, Selection, ValueMerge
+from kvframe.policies.contracts import Ge, Note
 from kvframe.policies.prerope import group_assign
 from kvframe.registry import register
 from kvframe.slots import SlotState
@@ -33,15 +33,7 @@ from kvframe.slots import SlotState
 @register("value_merge", "sum")
 @dataclass
 class SumValueMerge(ValueMerge):
-    clamp: float | None = 5.0
-
-    def __post_init__(self) -> None:
-        self._check(
-            self.clamp is None
-            or (isinstance(self.clamp, Real) and not isinstance(self.clamp, bool) and math.isfinite(self.clamp) and self.clamp >= 1),
-            "clamp",
-            "a count >= 1 (the code's 5), or null for no clamp",
-        )
+    clamp: Annotated[float | None, Ge(1), Note("a count, the code's 5; null for no clamp")] = 5.0
 
     def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> tuple[Tensor, Tensor]:
         s = kept.num_slots

@@ -18,16 +18,21 @@ recent tokens is ``n_sink: 0, recent: 0.5``; WeightedKV's layout (4 sinks, 508 r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from kvframe.errors import ConfigError
 from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.policies.contracts import Ge, Interval, Note
 from kvframe.policies.groups import protected_mask
 from kvframe.registry import register
 from kvframe.slots import SlotState
+
+
+#: Recent slots to protect: a number of tokens (an int), or a fraction of the budget (a float).
+Recent = Annotated[int, Ge(0), Note("tokens")] | Annotated[float, Interval(0, 1), Note("a fraction of the budget")]
 
 
 def recent_count(recent: float | int, n_sink: int, budgets: Tensor | None, content: Tensor) -> Tensor:
@@ -38,30 +43,14 @@ def recent_count(recent: float | int, n_sink: int, budgets: Tensor | None, conte
     return (torch.floor(base.double() * float(recent) + 0.5).long() - n_sink).clamp(min=0)
 
 
-def check_recent(policy: object, recent: object) -> None:
-    ok = (isinstance(recent, Integral) and not isinstance(recent, bool) and recent >= 0) or (
-        isinstance(recent, Real) and not isinstance(recent, (bool, Integral)) and 0.0 <= float(recent) <= 1.0
-    )
-    if not ok:
-        raise ConfigError(
-            f"{policy.kind} {policy.name!r}: invalid recent={recent!r}; accepted: a number of tokens >= 0 (int) "  # type: ignore[attr-defined]
-            "or a fraction of the budget in [0, 1] (float)"
-        )
-
-
 @register("scorer", "accumulated_attention")
 @dataclass
 class AccumulatedAttentionScorer(Scorer):
-    n_sink: int = 0
-    recent: float | int = 0.5
+    n_sink: Annotated[int, Ge(0)] = 0
+    recent: Recent = 0.5
     average: bool = False
 
     stats = ("attn", "age")
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink", "an integer >= 0")
-        check_recent(self, self.recent)
-        self._check(isinstance(self.average, bool), "average", "true or false")
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         attn = state.stats.get("attn")

@@ -11,11 +11,13 @@ group. The attention rows are computed ``chunk`` queries at a time: memory stays
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.policies.contracts import Ge, Note
 from kvframe.registry import register
 from kvframe.slots import SlotState
 from kvframe.stats import attention_mass
@@ -24,13 +26,10 @@ from kvframe.stats import attention_mass
 @register("scorer", "observed_attention")
 @dataclass
 class ObservedAttentionScorer(Scorer):
-    chunk: int = 256
+    chunk: Annotated[int, Ge(1), Note("queries per attention block")] = 256
     normalize: bool = True
 
     needs_queries = True
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.chunk, int) and self.chunk >= 1, "chunk", "an integer >= 1")
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         q = ctx.require_queries("observed_attention")

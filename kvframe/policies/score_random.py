@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.policies.contracts import Ge
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -17,10 +19,7 @@ from kvframe.slots import SlotState
 class RandomScorer(Scorer):
     """Uniform random scores. ``seed`` and the layer index fix the draw, so runs repeat exactly."""
 
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0")
+    seed: Annotated[int, Ge(0)] = 0
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + ctx.layer_idx)

@@ -8,11 +8,13 @@ so a top-k selection with budget ``B`` keeps the sinks and the ``B - n_sink`` mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.policies.contracts import Ge
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -20,10 +22,7 @@ from kvframe.slots import SlotState
 @register("scorer", "sink_recent")
 @dataclass
 class SinkRecentScorer(Scorer):
-    n_sink: int = 4
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.n_sink, int) and self.n_sink >= 0, "n_sink", "an integer >= 0")
+    n_sink: Annotated[int, Ge(0)] = 4
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         score = state.positions.float()

@@ -10,12 +10,14 @@ score ``+inf`` so they are always kept (they count in the budget).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Scorer
+from kvframe.policies.contracts import Ge, Odd
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -23,16 +25,11 @@ from kvframe.slots import SlotState
 @register("scorer", "snapkv")
 @dataclass
 class SnapKVScorer(Scorer):
-    window: int = 64
-    kernel: int = 5
-    pool: str = "avg"
+    window: Annotated[int, Ge(1)] = 64
+    kernel: Annotated[int, Ge(1), Odd()] = 5
+    pool: Literal["avg", "max"] = "avg"
 
     needs_queries = True
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.window, int) and self.window >= 1, "window", "an integer >= 1")
-        self._check(isinstance(self.kernel, int) and self.kernel >= 1 and self.kernel % 2 == 1, "kernel", "an odd integer >= 1")
-        self._check(self.pool in ("avg", "max"), "pool", "'avg' or 'max'")
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         # window attention summed over the window, averaged over the group and the valid window

@@ -11,13 +11,15 @@ is ragged: heads keep different numbers of slots, stored as a padded layout with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Selection, Selector
+from kvframe.policies.contracts import Interval
 from kvframe.policies.groups import fold_right
-from kvframe.policies.select_topk import FOLDS, keep_mask_to_selection, topk_mask
+from kvframe.policies.select_topk import Fold, keep_mask_to_selection, topk_mask
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -25,12 +27,8 @@ from kvframe.slots import SlotState
 @register("selector", "adaptive_heads")
 @dataclass
 class AdaptiveHeadsSelector(Selector):
-    alpha: float = 0.2
-    fold: str = "none"
-
-    def __post_init__(self) -> None:
-        self._check(0.0 <= float(self.alpha) <= 1.0, "alpha", "a number in [0, 1]")
-        self._check(self.fold in FOLDS, "fold", ", ".join(FOLDS))
+    alpha: Annotated[float, Interval(0, 1)] = 0.2
+    fold: Fold = "none"
 
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         b, h, t = scores.shape

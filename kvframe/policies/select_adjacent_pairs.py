@@ -30,39 +30,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
 from kvframe.errors import ConfigError
 from kvframe.policies.base import CompressionContext, Selection, Selector
+from kvframe.policies.contracts import Ge, Gt, Note
+from kvframe.policies.groups import true_slots_first
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
 #: AsymKV's position temperature, ``4096 / ln 512`` (methods.md section 1.4 step 3).
 DEFAULT_GAMMA = 4096.0 / math.log(512.0)
-OVERLAP_MODES = ("parity", "disjoint")
 
 
 @register("selector", "adjacent_pairs")
 @dataclass
 class AdjacentPairsSelector(Selector):
-    n_sink: int = 32
-    gamma: float | None = None
+    n_sink: Annotated[int, Ge(0), Note("sink slots, never merged")] = 32
+    gamma: Annotated[float | None, Gt(0), Note("position temperature; null for 4096/ln(512)")] = None
     count_factor: bool = True
-    overlap: str = "parity"
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.n_sink, int) and not isinstance(self.n_sink, bool) and self.n_sink >= 0, "n_sink", "an integer >= 0 (sink slots, never merged)")
-        self._check(
-            self.gamma is None
-            or (isinstance(self.gamma, Real) and not isinstance(self.gamma, bool) and math.isfinite(self.gamma) and self.gamma > 0),
-            "gamma",
-            "a number > 0 (position temperature), or null for 4096/ln(512)",
-        )
-        self._check(isinstance(self.count_factor, bool), "count_factor", "true or false")
-        self._check(self.overlap in OVERLAP_MODES, "overlap", ", ".join(OVERLAP_MODES))
+    overlap: Literal["parity", "disjoint"] = "parity"
 
     @property
     def temperature(self) -> float:
@@ -78,7 +68,7 @@ class AdjacentPairsSelector(Selector):
         """
         b, h, t = state.valid.shape
         ar = torch.arange(t, device=scores.device)
-        key = torch.where(state.valid, ar, ar + t).sort(dim=-1).values
+        key = true_slots_first(state.valid)
         slot = torch.where(key < t, key, key - t)  # valid slots first, in position order
         n = state.valid[:, 0].sum(-1)  # [B]
         rank_ok = ar[None, :] < n[:, None]  # [B, T]
@@ -170,7 +160,7 @@ class AdjacentPairsSelector(Selector):
         absorbs = chosen & keep_r[:, :-1]  # left slot survives: the right one folds into it
         assign_r[:, 1:] = torch.where(absorbs, kidx[:, :-1], assign_r[:, 1:])  # else lost (overlap)
         s = max(int(keep_r.sum(-1).max()), 1) if b else 1
-        kept_rank = torch.where(keep_r, ar, ar + t).sort(dim=-1).values[:, :s]
+        kept_rank = true_slots_first(keep_r)[:, :s]
         keep_valid_r = kept_rank < t
         kept_rank = torch.where(keep_valid_r, kept_rank, 0)
         keep = slot.gather(-1, kept_rank[:, None, :].expand(b, h, s))

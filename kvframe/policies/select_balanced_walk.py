@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from typing import Annotated, ClassVar
 
 import torch
 from torch import Tensor
@@ -38,6 +38,8 @@ from torch import Tensor
 from kvframe.kernels.walk import balance_kernel as balance_kernel  # re-exported (moved to the kernel module)
 from kvframe.kernels.walk import balance_signs
 from kvframe.policies.base import CompressionContext, Selection, Selector
+from kvframe.policies.contracts import Ge, Gt, Note
+from kvframe.policies.groups import true_slots_first
 from kvframe.policies.select_topk import keep_mask_to_selection
 from kvframe.registry import register
 from kvframe.slots import SlotState
@@ -209,28 +211,15 @@ def uniform_halving(
 
 
 # ---------------------------------------------------------------------------- selectors
-def _is_int(x: object, lo: int) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool) and int(x) >= lo
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 @dataclass
 class _HalvingSelector(Selector):
     """Layout shared by BalanceKV and its uniform baseline: ``[sink | halved middle | window]``."""
 
-    n_sink: int = 32
-    window: int = 32
-    itrs: int | None = None
+    uses_scores: ClassVar[bool] = False  # the halving looks at keys and values, never at scores
 
-    def __post_init__(self) -> None:
-        self._check(_is_int(self.n_sink, 0), "n_sink", "an integer >= 0")
-        self._check(_is_int(self.window, 0), "window", "an integer >= 0")
-        self._check(
-            self.itrs is None or _is_int(self.itrs, 0), "itrs", "null (derive from the budget) or an integer >= 0"
-        )
+    n_sink: Annotated[int, Ge(0)] = 32
+    window: Annotated[int, Ge(0)] = 32
+    itrs: Annotated[int | None, Ge(0), Note("halving rounds; null derives them from the budget")] = None
 
     def rounds(self, budgets: Tensor, content: Tensor) -> Tensor:
         """``[B, H]`` halving rounds ``T``: ``itrs``, or ``round_half_up(log2(content / budget))``."""
@@ -253,7 +242,7 @@ class _HalvingSelector(Selector):
         """``(indices, weights)`` of the kept middle tokens of ``[G, n, d]`` after ``itrs`` rounds."""
         raise NotImplementedError  # pragma: no cover
 
-    def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
+    def select(self, scores: Tensor | None, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         valid = state.valid
         b, h, t = valid.shape
         dev = valid.device
@@ -263,7 +252,6 @@ class _HalvingSelector(Selector):
         chosen = valid.clone()
         weight = torch.ones(b, h, t, dtype=torch.float32, device=dev)
         full = torch.ones(b, h, t, dtype=torch.float32, device=dev)
-        ar = torch.arange(t, device=dev)
         for row in range(b):
             groups: dict[tuple[int, int], list[int]] = {}
             for head in range(h):
@@ -276,7 +264,7 @@ class _HalvingSelector(Selector):
                     continue
                 hs = torch.tensor(heads, device=dev)
                 v = valid[row, hs]  # [G, T]
-                slots = torch.where(v, ar, ar + t).sort(dim=-1).values[:, :n]  # valid slot indices, ascending
+                slots = true_slots_first(v)[:, :n]  # valid slot indices, ascending
                 mid = slots[:, ns : ns + n_mid]  # [G, n_mid]
                 d = state.keys.shape[-1]
                 k_mid = state.keys[row, hs].gather(1, mid[..., None].expand(-1, -1, d))
@@ -302,19 +290,11 @@ class _HalvingSelector(Selector):
 class BalancedWalkSelector(_HalvingSelector):
     """BalanceKV (section 4.3): ``T`` rounds of block-wise self-balancing walks, global half choice."""
 
-    gamma: float = 4.0
-    temp: float = 1.0
+    gamma: Annotated[float, Ge(0)] = 4.0
+    temp: Annotated[float, Gt(0)] = 1.0
     beta: float = 0.0
-    block_size: int = 128
-    const: float = 0.025
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check(_is_real(self.gamma) and self.gamma >= 0, "gamma", "a finite number >= 0")
-        self._check(_is_real(self.temp) and self.temp > 0, "temp", "a finite number > 0")
-        self._check(_is_real(self.beta), "beta", "a finite number")
-        self._check(_is_int(self.block_size, 2), "block_size", "an integer >= 2")
-        self._check(_is_real(self.const) and self.const >= 0, "const", "a finite number >= 0")
+    block_size: Annotated[int, Ge(2)] = 128
+    const: Annotated[float, Ge(0)] = 0.025
 
     def halve(self, keys: Tensor, values: Tensor, itrs: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return balanced_walk(

@@ -9,25 +9,26 @@ policies; with the ``drop`` merges it is plain eviction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Selection, Selector
+from kvframe.policies.groups import fold_right, true_slots_first
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
 
-FOLDS = ("none", "right")
+#: Where a dropped slot goes: nowhere, or into the next kept slot to its right.
+Fold = Literal["none", "right"]
 
 
 def keep_mask_to_selection(chosen: Tensor) -> Selection:
     """Turn a ``[B, H, T]`` bool mask of kept slots into a :class:`Selection` (ascending indices)."""
     t = chosen.shape[-1]
     s = max(int(chosen.sum(-1).max()), 1) if chosen.numel() else 1
-    idx = torch.arange(t, device=chosen.device).expand_as(chosen)
-    key = torch.where(chosen, idx, idx + t)
-    order = key.sort(dim=-1).values[..., :s]
+    order = true_slots_first(chosen)[..., :s]
     keep_valid = order < t
     return Selection(keep=torch.where(keep_valid, order, 0), keep_valid=keep_valid)
 
@@ -50,15 +51,10 @@ def topk_mask(scores: Tensor, budgets: Tensor, valid: Tensor) -> Tensor:
 @register("selector", "topk")
 @dataclass
 class TopKSelector(Selector):
-    fold: str = "none"
-
-    def __post_init__(self) -> None:
-        self._check(self.fold in FOLDS, "fold", ", ".join(FOLDS))
+    fold: Fold = "none"
 
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         sel = keep_mask_to_selection(topk_mask(scores, budgets, state.valid))
         if self.fold == "right":
-            from kvframe.policies.groups import fold_right
-
             sel = fold_right(sel, state.valid)
         return sel

@@ -21,11 +21,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from kvframe.policies.base import Trigger, TriggerEvent
+from kvframe.policies.contracts import Ge, Note
 from kvframe.registry import register
-
-SCORING_PASSES = ("none", "forward", "backward")
 
 
 @register("trigger", "after_prefill")
@@ -39,12 +39,8 @@ class AfterPrefill(Trigger):
 @dataclass
 class PerChunk(Trigger):
     capacity = True
-    size: int = 512
-    scoring_pass: str = "none"  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1, "size", "an integer >= 1 (tokens per chunk)")
-        self._check(self.scoring_pass in SCORING_PASSES, "scoring_pass", ", ".join(SCORING_PASSES))
+    size: Annotated[int, Ge(1), Note("tokens per chunk")] = 512
+    scoring_pass: Literal["none", "forward", "backward"] = "none"  # type: ignore[assignment]
 
     @property
     def chunk_size(self) -> int:  # type: ignore[override]
@@ -59,12 +55,8 @@ class PerChunk(Trigger):
 @dataclass
 class Decode(Trigger):
     capacity = True
-    every: int = 1
+    every: Annotated[int, Ge(1), Note("decode steps")] = 1
     prefill: bool = True
-
-    def __post_init__(self) -> None:
-        self._check(isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 1, "every", "an integer >= 1 (decode steps)")
-        self._check(isinstance(self.prefill, bool), "prefill", "true or false")
 
     def fires(self, event: TriggerEvent) -> bool:
         if event.new_tokens > 1:

@@ -304,3 +304,24 @@ def test_reweight_needs_a_weighted_selector():
     comp = kvframe.build("knorm", value_merge={"name": "reweight"}, budget=0.5)
     with pytest.raises(ConfigError, match="needs the sample weights"):
         kvframe.compress(comp, _randn(1, 1, 20, 8), _randn(1, 1, 20, 8))
+
+
+# ------------------------------------------------------------------------------------- no scorer
+@pytest.mark.parametrize("name", ["balancekv", "balancekv_consistent", "balancekv_uniform"])
+def test_cards_have_no_scorer_and_a_scorer_changes_nothing(name):
+    """The halving selectors use no scores, so the cards carry none; adding one keeps every slot."""
+    comp = _build(name)
+    assert comp.scorer is None and not comp.selector.uses_scores
+    assert comp.to_dict()["scorer"] is None
+    keys, values = _randn(2, 2, 90, 8, seed=3), _randn(2, 2, 90, 8, seed=4)
+    without = kvframe.compress(comp, keys, values)
+    with_knorm = kvframe.compress(_build(name, scorer="knorm"), keys, values)
+    for a, b in zip((without.keys, without.values, without.positions, without.log_weights, without.valid),
+                    (with_knorm.keys, with_knorm.values, with_knorm.positions, with_knorm.log_weights, with_knorm.valid)):
+        assert torch.equal(a, b)
+
+
+def test_show_prints_scorer_null():
+    from kvframe.cli import show
+
+    assert "\nscorer: null\n" in show("balancekv")

@@ -242,12 +242,13 @@ def test_guard_falls_back_when_the_quadratic_is_not_convex():
     h12 = alpha[0] * alpha[1] * (dhat[0] + dhat[1])
     big_a, big_b = h[0] - h12, h[1] - h12
     assert (big_a + big_b).item() < 0  # D <= 0: the code would extrapolate
-    keys_g, stats_g = guarded.merge(state, sel, kept, ctx)
+    merged = guarded.merge(state, sel, kept, ctx)
+    keys_g, stats_g = merged.keys, merged.stats
     a = h[0] / (h[0] + h[1])
     assert torch.allclose(keys_g[0, 0, 0], a * keys[0, 0, 0] + (1 - a) * keys[0, 0, 1], atol=1e-6)
     assert stats_g["hproxy"][0, 0, 0].item() == pytest.approx((a**2 * h[0] + (1 - a) ** 2 * h[1]).item(), rel=1e-5)
     assert torch.equal(keys_g[0, 0, 1:], keys[0, 0, 2:])  # unmerged slots untouched
-    raw, _ = KVSlimmerKeyMerge(n_sink=0, guard=False).merge(state, sel, kept, ctx)  # the code: no guard
+    raw = KVSlimmerKeyMerge(n_sink=0, guard=False).merge(state, sel, kept, ctx).keys  # the code: no guard
     d = big_a + big_b + 1e-21
     assert torch.allclose(raw[0, 0, 0], (big_a / d) * keys[0, 0, 0] + (big_b / d) * keys[0, 0, 1], atol=1e-5)
     assert not torch.allclose(raw[0, 0, 0], keys_g[0, 0, 0])
@@ -263,7 +264,7 @@ def test_groups_of_three_minimise_the_generalised_quadratic():
     pol = KVSlimmerKeyMerge(n_sink=0)
     ctx = CompressionContext()
     state = pol.observe(state, ctx)
-    out, _ = pol.merge(state, sel, state.gather(sel.keep, sel.keep_valid), ctx)
+    out = pol.merge(state, sel, state.gather(sel.keep, sel.keep_valid), ctx).keys
     h = state.stats["hproxy"][0, 0].double()
     alpha = window[0, 0] / window.sum()
     dhat = h / (alpha * (1 - 2 * alpha))

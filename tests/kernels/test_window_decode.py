@@ -97,11 +97,12 @@ def test_window_scores_reference_is_former_attention_rows():
     """SnapKV's former computation (attention_rows, summed and averaged) is the op's reference."""
     from kvframe.policies.base import CompressionContext
     from kvframe.slots import SlotState
+    from tests.kernels.reference import attention_rows
 
     q, k, lw, pos, valid, qpos, qvalid = _window_inputs(2, 4, 2, 6, 37, 16, torch.float32, seed=5)
     state = SlotState.from_tensors(k, k.clone(), positions=pos, log_weights=lw, valid=valid)
     ctx = CompressionContext(queries=q, query_positions=qpos, query_valid=qvalid, sliding_window=11)
-    rows = ctx.attention_rows(state, 4)
+    rows = attention_rows(ctx, state, 4)
     former = rows.sum(dim=3).mean(dim=2) / qvalid[:, -4:].sum(-1).clamp(min=1).float()[:, None, None]
     assert torch.equal(ctx.window_scores(state, 4), former)
 
