@@ -74,6 +74,25 @@ def _compress(comp, keys, values, queries, layer_idx=0, num_layers=4):
     return res, budgets
 
 
+def _raw_scores(comp, keys, values, queries, layer_idx=0, num_layers=4):
+    """The SnapKV scores before the window ranking, window slots at ``+inf``."""
+    state, ctx = compression_inputs(comp, keys, values, queries, layer_idx=layer_idx, num_layers=num_layers)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(score_snapkv, "window_first", _window_at_inf)
+        return comp.scorer.score(state, ctx)
+
+
+def assert_same_tokens_up_to_ties(new, old, raw):
+    """Each row keeps the same multiset of scores in both versions (the same tokens, except that
+    among tokens with exactly equal scores at the budget boundary torch.topk may pick others), and
+    each head the same number of slots."""
+    assert torch.equal(new.kept_per_head, old.kept_per_head)
+    for b in range(raw.shape[0]):
+        scores = [raw[b, h, new.head(b, h)[2]] for h in range(raw.shape[1])]
+        old_scores = [raw[b, h, old.head(b, h)[2]] for h in range(raw.shape[1])]
+        assert torch.equal(torch.cat(scores).sort().values, torch.cat(old_scores).sort().values)
+
+
 def _kept(res, b, h):
     return res.head(b, h)[2].tolist()
 
@@ -126,6 +145,7 @@ def test_budgets_around_the_window_on_plain_tensors(method, t, ratio):
         if int(budgets.min()) >= min(WINDOW, t):
             with former_behaviour():
                 old, _ = _compress(comp, keys, values, queries, layer_idx=layer)
+            # random keys have no exact score ties: the very same tokens as before
             assert torch.equal(res.positions, old.positions) and torch.equal(res.valid, old.valid)
 
 
@@ -188,7 +208,8 @@ def test_property_window_recency_and_floors(t, window, h, budget, method, alpha,
     if int(budgets.min()) >= n_window:
         with former_behaviour():
             old, _ = _compress(comp, keys, values, queries, layer_idx=seed % 4)
-        assert torch.equal(res.positions, old.positions) and torch.equal(res.valid, old.valid)
+        # short prompts can tie exactly (a pooling kernel covering every token before the window)
+        assert_same_tokens_up_to_ties(res, old, _raw_scores(comp, keys, values, queries, layer_idx=seed % 4))
 
 
 def check_window_rules_alpha(res, budgets, t, n_window, alpha):
