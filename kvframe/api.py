@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -39,6 +40,135 @@ class CompressResult:
         return self.valid.sum(-1)
 
 
+_TENSOR_HINT = "pass torch tensors (e.g. torch.from_numpy(array) for a NumPy array)"
+
+
+def _require_tensor(name: str, x: object) -> None:
+    if not isinstance(x, torch.Tensor):
+        kind = type(x).__module__ + "." + type(x).__name__ if type(x).__module__ != "builtins" else type(x).__name__
+        raise ConfigError(f"{name} must be a torch.Tensor; got {kind}; {_TENSOR_HINT}")
+
+
+def _check_finite(name: str, x: Tensor, token_axis: str = "token") -> None:
+    """``x`` ``[B, H, T, D]`` must hold no NaN or inf; the first bad entry is named."""
+    # a finite sum proves every entry finite (NaN and inf propagate) at a fraction of the cost of an
+    # elementwise test; a non-finite sum may also be an overflow of finite values, so look closer
+    if bool(torch.isfinite(x.sum())):
+        return
+    nan = torch.isnan(x)
+    bad = nan if bool(nan.any()) else ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return
+    b, h, t = (int(i) for i in bad.nonzero()[0][:3])
+    kind = "NaN" if bad is nan else "inf"
+    raise ConfigError(
+        f"{name} contain {kind} at row {b}, head {h}, {token_axis} {t}; kvframe.compress needs finite keys, values and queries"
+    )
+
+
+def _check_layout(name: str, x: Tensor, batch: int, heads: int, tokens: int, allowed: tuple[str, ...]) -> None:
+    """``x`` is one of ``[T]`` (if allowed), ``[B, T]`` (``B`` may be 1) or ``[B, H, T]``."""
+    shape = tuple(x.shape)
+    ok = (
+        ("[T]" in allowed and shape == (tokens,))
+        or (len(shape) == 2 and shape[0] in (1, batch) and shape[1] == tokens)
+        or shape == (batch, heads, tokens)
+    )
+    if not ok:
+        want = " or ".join(allowed)
+        raise ConfigError(
+            f"{name} has shape {shape}; accepted: {want} with B={batch}, H={heads}, T={tokens} (from keys of shape "
+            f"[B, H, T, D])"
+        )
+
+
+def check_inputs(
+    keys: object,
+    values: object,
+    queries: object = None,
+    *,
+    positions: object = None,
+    valid: object = None,
+    log_weights: object = None,
+    layer_idx: object = 0,
+    num_layers: object = 1,
+    stats: object = None,
+) -> None:
+    """Validate :func:`compress`'s inputs (see its docstring); raises :class:`ConfigError`.
+
+    The order of ``positions`` is checked on the :class:`SlotState` by :func:`check_position_order`.
+    """
+    for name, x in (("keys", keys), ("values", values)):
+        _require_tensor(name, x)
+    for name, x in (("queries", queries), ("positions", positions), ("valid", valid), ("log_weights", log_weights)):
+        if x is not None:
+            _require_tensor(name, x)
+    if stats is not None:
+        if not isinstance(stats, dict):
+            raise ConfigError(f"stats must be a dict of name -> torch.Tensor; got {type(stats).__name__}")
+        for name, x in stats.items():
+            _require_tensor(f"statistic {name!r}", x)
+    assert isinstance(keys, Tensor) and isinstance(values, Tensor)
+    if keys.dim() != 4 or values.dim() != 4:
+        raise ConfigError(
+            f"keys and values must be 4-D [batch, kv_heads, tokens, head_dim]; got shapes {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    if keys.shape[:3] != values.shape[:3]:
+        raise ConfigError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree in batch, heads or tokens")
+    tensors = [("keys", keys), ("values", values)] + ([("queries", queries)] if queries is not None else [])
+    for name, x in tensors:
+        if not x.is_floating_point():
+            raise ConfigError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    for name, x in tensors[1:]:
+        if x.dtype != keys.dtype or x.device != keys.device:
+            raise ConfigError(
+                f"{name} ({x.dtype} on {x.device}) must have the dtype and device of keys ({keys.dtype} on {keys.device}); "
+                f"convert with {name}.to(keys)"
+            )
+    if isinstance(num_layers, bool) or not isinstance(num_layers, Integral) or num_layers < 1:
+        raise ConfigError(f"num_layers={num_layers!r} must be an int >= 1 (the model's number of layers)")
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, Integral) or not 0 <= layer_idx < num_layers:
+        raise ConfigError(f"layer_idx={layer_idx!r} must be an int in [0, num_layers) = [0, {num_layers})")
+    b, h, t, _ = keys.shape
+    if positions is not None:
+        assert isinstance(positions, Tensor)
+        _check_layout("positions", positions, b, h, t, ("[T]", "[B, T]", "[B, H, T]"))
+        if positions.is_complex() or positions.dtype == torch.bool:
+            raise ConfigError(f"positions must be an integer tensor; got dtype {positions.dtype}")
+    if valid is not None:
+        assert isinstance(valid, Tensor)
+        if valid.dtype != torch.bool:
+            raise ConfigError(
+                f"valid must be a bool mask (True for content, False for padding); got dtype {valid.dtype}; "
+                "convert a 0/1 attention mask with mask.bool()"
+            )
+        _check_layout("valid", valid, b, h, t, ("[B, T]", "[B, H, T]"))
+    if log_weights is not None:
+        assert isinstance(log_weights, Tensor)
+        if tuple(log_weights.shape) != (b, h, t):
+            raise ConfigError(f"log_weights has shape {tuple(log_weights.shape)}; accepted: [B, H, T] = {(b, h, t)}")
+    for name, x in tensors:
+        _check_finite(name, x, "query" if name == "queries" else "token")
+
+
+def check_position_order(state: SlotState) -> None:
+    """Positions of valid slots are >= 0 and strictly increasing along each row and head."""
+    pos, valid = state.positions, state.valid
+    if bool((valid & (pos < 0)).any()):
+        b, h, j = (int(i) for i in (valid & (pos < 0)).nonzero()[0])
+        raise ConfigError(f"positions must be >= 0 on valid slots; row {b}, head {h}, token {j} has position {int(pos[b, h, j])}")
+    # the largest valid position before each slot (-1 if none)
+    running = torch.cummax(torch.where(valid, pos, -1), dim=-1).values
+    before = torch.cat([torch.full_like(running[..., :1], -1), running[..., :-1]], dim=-1)
+    bad = valid & (pos <= before)
+    if bool(bad.any()):
+        b, h, j = (int(i) for i in bad.nonzero()[0])
+        raise ConfigError(
+            f"positions must be strictly increasing over the valid slots of each row and head (slots are stored in "
+            f"position order); row {b}, head {h}: token {j} has position {int(pos[b, h, j])} after position {int(before[b, h, j])}"
+        )
+
+
 def compression_inputs(
     compressor: Compressor,
     keys: Tensor,
@@ -58,7 +188,9 @@ def compression_inputs(
     on (arguments as there), for callers that drive ``Compressor.compress_step`` themselves."""
     if not isinstance(compressor, Compressor):
         raise ConfigError(f"compress needs a kvframe Compressor (see kvframe.build); got {type(compressor).__name__}")
+    check_inputs(keys, values, queries, positions=positions, valid=valid, log_weights=log_weights, layer_idx=layer_idx, num_layers=num_layers, stats=stats)
     state = SlotState.from_tensors(keys, values, positions=positions, log_weights=log_weights, valid=valid)
+    check_position_order(state)
     if stats:
         for name, stat in stats.items():
             if stat.shape[:3] != state.valid.shape:
@@ -118,7 +250,19 @@ def compress(
     ``valid`` ``[B, T]`` or ``[B, H, T]`` marks padding (false). ``stats`` are per-slot statistics
     ``[B, H, T]`` or ``[B, H, T, D]`` put on the slots (e.g. ``window_attn``, ``grad``, see
     :mod:`kvframe.stats`); ``step`` is the number of earlier trigger firings (``ctx.step``).
-    Returns the kept slots.
+    ``layer_idx`` in ``[0, num_layers)`` tells layer-dependent schedules (PyramidKV) which layer
+    this is. Returns the kept slots.
+
+    Every input is checked first (:func:`check_inputs`), and a bad one raises
+    :class:`~kvframe.errors.ConfigError` naming it and what is accepted: every tensor argument must be
+    a ``torch.Tensor`` (convert NumPy arrays with ``torch.from_numpy``); ``keys`` and ``values`` are
+    floating point, with the same dtype and device (``queries`` too); ``positions`` is ``[T]``,
+    ``[B, T]`` or ``[B, H, T]`` and strictly increasing over the valid slots of each row and head
+    (slots are stored in position order), with no negative position on a valid slot; ``valid`` is a
+    bool mask ``[B, T]`` or ``[B, H, T]``; ``keys``, ``values`` and ``queries`` are finite everywhere,
+    padding included (a NaN or inf is reported with its row, head and token, e.g. ``values contain
+    NaN at row 0, head 1, token 5``). These checks cost one pass over the inputs; the attention
+    path of :func:`kvframe.attach` does not run them.
     """
     state, ctx = compression_inputs(
         compressor, keys, values, queries, positions=positions, valid=valid, log_weights=log_weights,

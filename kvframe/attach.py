@@ -97,6 +97,7 @@ def check_model(model: Any) -> None:
     config = model.config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model; kvframe supports decoder-only causal LMs")
+    _check_causal(model)
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if can_set is not None and not can_set():
         raise UnsupportedModelError(
@@ -106,6 +107,37 @@ def check_model(model: Any) -> None:
     layer_types(model)
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise UnsupportedModelError(f"{type(model).__name__} uses attention logit soft-capping, which kvframe does not support")
+
+
+def _check_causal(model: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model``'s self-attention is causal-decoder attention.
+
+    kvframe's attention function always masks causally (by slot position), so a bidirectional model
+    (an encoder such as ``BertModel``, a masked LM such as ``BertForMaskedLM``) would silently get
+    causal attention. The check reads what transformers itself reads when it picks the mask: the
+    ``is_causal`` attribute of the self-attention modules (the modules that carry both ``is_causal``
+    and the ``layer_idx`` of their cache layer; the SDPA and flash integrations read
+    ``module.is_causal``). Every such module must have ``is_causal=True``, and there must be at
+    least one. Two other signals are not used because they are wrong for supported models in
+    transformers 5.x: ``config.is_decoder`` no longer exists on most decoder configs (Llama, Qwen2,
+    Mistral, Gemma3) and is ``False`` on GPT-NeoX, a causal LM; the model class name says nothing
+    about custom or remote-code models. Vision towers of multimodal models have no ``layer_idx``
+    and are not counted.
+    """
+    name = type(model).__name__
+    supported = "kvframe.attach supports decoder-only causal LMs (e.g. LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Gemma3ForCausalLM)"
+    attn = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")]
+    if not attn:
+        raise UnsupportedModelError(
+            f"{name} has no self-attention modules that declare is_causal and layer_idx (as transformers' attention "
+            f"modules do), so kvframe cannot tell whether its attention is causal; {supported}"
+        )
+    bidirectional = sorted({type(m).__name__ for m in attn if m.is_causal is not True})
+    if bidirectional:
+        raise UnsupportedModelError(
+            f"{name} is not a causal decoder: its attention modules ({', '.join(bidirectional)}) have is_causal=False "
+            f"(bidirectional attention, as in encoders and masked LMs), and kvframe's attention is always causal; {supported}"
+        )
 
 
 def _attention_modules(model: Any) -> list[Any]:

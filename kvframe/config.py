@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kvframe import registry
 from kvframe.compressor import Compressor
-from kvframe.errors import ConfigError, close_matches
+from kvframe.errors import ConfigError, PluginError, UnknownNameError, close_matches
 
 POLICY_KEYS = ("scorer", "selector", "key_merge", "value_merge", "schedule", "trigger")
 META_KEYS = ("name", "paper", "url", "description", "base")
@@ -53,14 +53,55 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (``safe_load`` keeps the last).
+
+    Keys brought in by a merge key (``<<: *anchor``) may still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> DictConfig:
-    """Load a YAML file; malformed YAML raises :class:`ConfigError` with file, line and column."""
+    """Load a YAML file; malformed YAML raises :class:`ConfigError` with file, line and column.
+
+    A key repeated in one mapping is an error naming both lines (plain ``yaml.safe_load`` would
+    silently keep the last value).
+    """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        hint = f" (YAML files in it: {', '.join(found[:8])}{', ...' if len(found) > 8 else ''})" if found else ""
+        raise ConfigError(f"{str(path)!r} is a directory; expected a YAML file{hint}")
     if not path.is_file():
         raise ConfigError(f"YAML file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{path}: duplicate key {dup.key!r} at line {dup.second} (first defined at line {dup.first}); "
+            "each key may appear once per mapping"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -80,6 +121,16 @@ def _is_path(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml")) or "/" in spec or Path(spec).is_file()
 
 
+def _card_or_directory(name: str) -> Path:
+    """The card of method ``name``; a directory of that name (not a method) is named as such."""
+    try:
+        return registry.card_path(name)
+    except (UnknownNameError, PluginError):
+        if Path(name).is_dir():
+            load_yaml(name)  # raises: a directory, not a YAML file
+        raise
+
+
 def _normalize_policy(value: Any, key: str) -> Any:
     if value is None:
         return None
@@ -93,7 +144,7 @@ def _normalize_policy(value: Any, key: str) -> Any:
 def _raw_spec(spec: Any, seen: tuple[str, ...] = ()) -> DictConfig:
     """The unresolved spec as a DictConfig, with ``base`` chains expanded."""
     if isinstance(spec, str):
-        cfg = load_yaml(spec) if _is_path(spec) else load_yaml(registry.card_path(spec))
+        cfg = load_yaml(spec) if _is_path(spec) else load_yaml(_card_or_directory(spec))
         if not _is_path(spec) and "name" not in cfg:
             cfg.name = spec
     elif isinstance(spec, DictConfig):
@@ -132,6 +183,13 @@ def apply_overrides(cfg: DictConfig, overrides: Mapping[str, Any] | None = None,
     cfg = cfg.copy()
     items: list[tuple[str, Any]] = list((overrides or {}).items())
     if dotlist:
+        if isinstance(dotlist, str):
+            raise ConfigError(f"dotlist must be a list of key=value strings; got the string {dotlist!r}")
+        for item in dotlist:
+            if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+                raise ConfigError(
+                    f"override {item!r} is not of the form key=value (e.g. budget=0.25 or scorer.window=32)"
+                )
         try:
             dl = OmegaConf.from_dotlist(list(dotlist))
         except OmegaConfBaseException as exc:

@@ -7,8 +7,10 @@ built-in ones ship inside the package (``kvframe/cards``, copied from the reposi
 Plugins are Python packages that declare an entry point in the group ``kvframe.plugins``. The entry
 point names a module or a callable; loading it registers its policies (by importing the module, or
 by calling the callable with no argument), and the callable may return a path (or list of paths) to
-a folder of YAML cards. A plugin that fails to load raises :class:`~kvframe.errors.PluginError`
-naming it when one of its names is needed (or at ``kvframe list``), and never hides the built-ins.
+a folder of YAML cards. A plugin that fails to load (any exception, ``SystemExit`` included; only
+``KeyboardInterrupt`` propagates) is unregistered as a whole: none of the policies or cards it
+registered before failing stay registered. It raises :class:`~kvframe.errors.PluginError` naming it
+when one of its names is needed (or at ``kvframe list``), and never hides the built-ins.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def load_plugins(reload: bool = False) -> dict[str, BaseException]:
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
         origin = f"plugin:{ep.name}"
         _loading_origin = origin
+        policies, cards = dict(_POLICIES), dict(_CARDS)
         try:
             obj = ep.load()
             result = obj() if callable(obj) and not isinstance(obj, type) else None
@@ -121,7 +124,14 @@ def load_plugins(reload: bool = False) -> dict[str, BaseException]:
                 paths = result if isinstance(result, (list, tuple)) else [result]
                 for p in paths:
                     register_cards(p, origin)
-        except Exception as exc:  # a broken plugin must not break the built-ins
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from a plugin must not end the program
+            # a broken plugin must not break the built-ins, nor leave half of itself registered
+            _POLICIES.clear()
+            _POLICIES.update(policies)
+            _CARDS.clear()
+            _CARDS.update(cards)
             _PLUGIN_ERRORS[ep.name] = exc
         finally:
             _loading_origin = BUILTIN

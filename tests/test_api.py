@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvframe
+from kvframe.errors import ConfigError
 
 
 def test_knorm_keeps_lowest_norm_half_in_position_order():
@@ -157,4 +162,149 @@ def test_snapkv_pools_only_the_tokens_before_the_window_like_kvpress():
     pre = probs.mean(dim=(2, 3))[..., : t - w]
     pooled = F.avg_pool1d(pre.reshape(b * h, 1, t - w), 5, stride=1, padding=2).reshape(b, h, t - w)
     torch.testing.assert_close(got[..., : t - w], pooled, atol=1e-6, rtol=1e-5)
-    assert torch.isinf(got[..., t - w :]).all()
+    # the window ranks above every earlier token and by recency within itself, with finite scores
+    window = got[..., t - w :]
+    assert torch.isfinite(window).all()
+    assert (window.amin(-1) > got[..., : t - w].amax(-1)).all()
+    assert (window.diff(dim=-1) > 0).all()
+
+
+# ----------------------------------------------------------------------------- input validation
+def _kv(b=2, h=2, t=10, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, t, d, generator=g), torch.randn(b, h, t, d, generator=g)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layer_idx": 4, "num_layers": 4}, r"layer_idx=4 must be an int in \[0, num_layers\) = \[0, 4\)"),
+        ({"layer_idx": -1, "num_layers": 4}, r"layer_idx=-1 must be an int in \[0, num_layers\) = \[0, 4\)"),
+        ({"layer_idx": 1.0, "num_layers": 4}, r"layer_idx=1.0 must be an int"),
+        ({"layer_idx": True, "num_layers": 4}, r"layer_idx=True must be an int"),
+        ({"num_layers": 0}, r"num_layers=0 must be an int >= 1"),
+        ({"num_layers": "2"}, r"num_layers='2' must be an int >= 1"),
+    ],
+)
+def test_compress_rejects_bad_layer_arguments(kwargs, message):
+    keys, values = _kv()
+    with pytest.raises(ConfigError, match=message):
+        kvframe.compress(kvframe.build("pyramidkv" if "layer_idx" in kwargs else "knorm", budget=4), keys, values, torch.randn(2, 4, 10, 4), **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(11,), (3, 10), (2, 10, 1), (2, 3, 10), (1, 2, 2, 10)])
+def test_compress_rejects_positions_of_the_wrong_shape(shape):
+    keys, values = _kv()
+    positions = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ConfigError, match=rf"positions has shape {re.escape(str(shape))}; accepted: \[T\] or \[B, T\] or \[B, H, T\] with B=2, H=2, T=10"):
+        kvframe.compress(kvframe.build("knorm", budget=4), keys, values, positions=positions)
+
+
+def test_compress_accepts_every_positions_layout():
+    keys, values = _kv()
+    comp = kvframe.build("knorm", budget=4)
+    ref = kvframe.compress(comp, keys, values, positions=torch.arange(10) * 3)
+    for positions in (torch.arange(10)[None] * 3, (torch.arange(10) * 3).expand(2, 10), (torch.arange(10) * 3).expand(2, 2, 10)):
+        assert torch.equal(kvframe.compress(comp, keys, values, positions=positions).positions, ref.positions)
+
+
+def test_compress_rejects_positions_out_of_order():
+    keys, values = _kv()
+    comp = kvframe.build("knorm", budget=4)
+    positions = torch.arange(10).repeat(2, 1)
+    positions[1, 6] = 3
+    with pytest.raises(ConfigError, match=r"strictly increasing over the valid slots.*row 1, head 0: token 6 has position 3 after position 5"):
+        kvframe.compress(comp, keys, values, positions=positions)
+    positions = torch.arange(10).expand(2, 2, 10).clone()
+    positions[0, 1, 4] = 3  # a repeated position
+    with pytest.raises(ConfigError, match=r"row 0, head 1: token 4 has position 3 after position 3"):
+        kvframe.compress(comp, keys, values, positions=positions)
+    positions = torch.arange(10) - 2
+    with pytest.raises(ConfigError, match=r"positions must be >= 0 on valid slots; row 0, head 0, token 0 has position -2"):
+        kvframe.compress(comp, keys, values, positions=positions)
+    # padding slots are not ordered: only valid slots count
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[:, :2] = False
+    res = kvframe.compress(comp, keys, values, positions=positions, valid=valid)
+    assert bool((res.positions[res.valid] >= 0).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(perm=st.permutations(list(range(8))), pad=st.integers(0, 7))
+def test_property_position_order_is_checked_on_valid_slots(perm, pad):
+    keys, values = _kv(b=1, t=8)
+    positions = torch.tensor(perm)
+    valid = torch.arange(8)[None] >= pad
+    comp = kvframe.build("knorm", budget=1)
+    content = perm[pad:]
+    if content == sorted(content):
+        kvframe.compress(comp, keys, values, positions=positions, valid=valid)
+    else:
+        with pytest.raises(ConfigError, match="strictly increasing"):
+            kvframe.compress(comp, keys, values, positions=positions, valid=valid)
+
+
+def test_compress_rejects_non_bool_valid():
+    keys, values = _kv()
+    for mask in (torch.ones(2, 10), torch.ones(2, 10, dtype=torch.long)):
+        with pytest.raises(ConfigError, match=rf"valid must be a bool mask \(True for content, False for padding\); got dtype {mask.dtype}; convert"):
+            kvframe.compress(kvframe.build("knorm", budget=4), keys, values, valid=mask)
+    with pytest.raises(ConfigError, match=r"valid has shape \(2, 9\); accepted: \[B, T\] or \[B, H, T\]"):
+        kvframe.compress(kvframe.build("knorm", budget=4), keys, values, valid=torch.ones(2, 9, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["keys", "values", "queries", "positions", "valid", "log_weights"])
+def test_compress_rejects_numpy_arrays(name):
+    keys, values = _kv()
+    args = {"keys": keys, "values": values, "queries": torch.randn(2, 4, 3, 4), "positions": torch.arange(10),
+            "valid": torch.ones(2, 10, dtype=torch.bool), "log_weights": torch.zeros(2, 2, 10)}
+    args[name] = args[name].numpy()
+    with pytest.raises(ConfigError, match=rf"{name} must be a torch.Tensor; got numpy.ndarray; pass torch tensors \(e.g. torch.from_numpy"):
+        kvframe.compress(kvframe.build("snapkv", budget=4, **{"scorer.window": 2}), **args)
+    with pytest.raises(ConfigError, match=r"keys must be a torch.Tensor; got list"):
+        kvframe.compress(kvframe.build("knorm"), [[1.0]], values)
+    with pytest.raises(ConfigError, match=r"statistic 'grad' must be a torch.Tensor; got numpy.ndarray"):
+        kvframe.compress(kvframe.build("knorm"), keys, values, stats={"grad": np.zeros((2, 2, 10))})
+
+
+def test_compress_rejects_dtype_and_device_mismatches():
+    keys, values = _kv()
+    comp = kvframe.build("snapkv", budget=4, **{"scorer.window": 2})
+    q = torch.randn(2, 4, 3, 4)
+    with pytest.raises(ConfigError, match=r"values \(torch.float64 on cpu\) must have the dtype and device of keys \(torch.float32 on cpu\); convert with values.to\(keys\)"):
+        kvframe.compress(comp, keys, values.double(), q)
+    with pytest.raises(ConfigError, match=r"queries \(torch.bfloat16 on cpu\) must have the dtype and device of keys"):
+        kvframe.compress(comp, keys, values, q.bfloat16())
+    with pytest.raises(ConfigError, match=r"values \(torch.float32 on meta\) must have the dtype and device of keys \(torch.float32 on cpu\)"):
+        kvframe.compress(comp, keys, values.to("meta"), q)
+    with pytest.raises(ConfigError, match=r"keys must be a floating-point tensor; got dtype torch.int64"):
+        kvframe.compress(comp, keys.long(), values.long(), q)
+    with pytest.raises(ConfigError, match=r"log_weights has shape \(2, 1, 10\); accepted: \[B, H, T\] = \(2, 2, 10\)"):
+        kvframe.compress(comp, keys, values, q, log_weights=torch.zeros(2, 1, 10))
+
+
+def test_compress_rejects_nan_and_inf():
+    keys, values = _kv()
+    comp = kvframe.build("snapkv", budget=4, **{"scorer.window": 2})
+    q = torch.randn(2, 4, 3, 4)
+    bad = values.clone()
+    bad[0, 1, 5, 2] = float("nan")
+    with pytest.raises(ConfigError, match=r"values contain NaN at row 0, head 1, token 5; kvframe.compress needs finite keys, values and queries"):
+        kvframe.compress(comp, keys, bad, q)
+    bad = keys.clone()
+    bad[1, 0, 3, 0] = float("-inf")
+    with pytest.raises(ConfigError, match=r"keys contain inf at row 1, head 0, token 3"):
+        kvframe.compress(comp, bad, values, q)
+    bad = q.clone()
+    bad[1, 3, 2, 1] = float("nan")
+    with pytest.raises(ConfigError, match=r"queries contain NaN at row 1, head 3, query 2"):
+        kvframe.compress(comp, keys, values, bad)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[0, :2] = False
+    bad = keys.clone()
+    bad[0, :, 0] = float("nan")  # padding is checked too
+    with pytest.raises(ConfigError, match=r"keys contain NaN at row 0, head 0, token 0"):
+        kvframe.compress(comp, bad, values, q, valid=valid)
+    # large finite values whose sum overflows float16 are accepted
+    big = torch.full((1, 1, 4, 2), 60000.0, dtype=torch.float16)
+    assert kvframe.compress(kvframe.build("knorm", budget=2), big, big).kept_per_head.tolist() == [[2]]

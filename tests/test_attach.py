@@ -137,3 +137,59 @@ def test_cache_argument_reads_the_model_or_a_wrapper_of_its_forward():
         return None
 
     assert cache_argument(model, legacy) == "past_key_values"
+
+
+def _tiny_bert(cls_name: str, **overrides):
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **overrides
+    )
+    return getattr(transformers, cls_name)(config).eval()
+
+
+@pytest.mark.parametrize("cls_name", ["BertModel", "BertForMaskedLM"])
+def test_attach_refuses_bidirectional_models(cls_name):
+    """An encoder / masked LM used to attach and silently get causal attention."""
+    model = _tiny_bert(cls_name)
+    with pytest.raises(
+        kvframe.UnsupportedModelError,
+        match=rf"{cls_name} is not a causal decoder: its attention modules \(BertSelfAttention\) have is_causal=False"
+        r".*supports decoder-only causal LMs",
+    ):
+        with kvframe.attach(model, kvframe.build("knorm")):
+            pass
+    assert model.config._attn_implementation != "kvframe" and "forward" not in model.__dict__
+
+
+def test_attach_refuses_a_model_that_does_not_declare_causal_attention():
+    model = tiny_model("llama")
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            del module.is_causal
+    with pytest.raises(kvframe.UnsupportedModelError, match="LlamaForCausalLM has no self-attention modules that declare is_causal"):
+        with kvframe.attach(model, kvframe.build("knorm")):
+            pass
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causal_check_accepts_every_tiny_arch(arch):
+    from kvframe.attach import check_model
+
+    check_model(tiny_model(arch))
+
+
+def test_causal_check_ignores_config_is_decoder():
+    """GPT-NeoX is a causal LM whose config says ``is_decoder=False``: the check reads the attention
+    modules' ``is_causal``, not the config flag, so it attaches (and a full budget is the identity)."""
+    import transformers
+
+    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    assert config.is_decoder is False
+    model = transformers.GPTNeoXForCausalLM(config).eval()
+    ids = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _generate(model, ids, torch.ones_like(ids), n=4)
+        with kvframe.attach(model, kvframe.build("full")):
+            got = _generate(model, ids, torch.ones_like(ids), n=4)
+    assert torch.equal(got, ref)

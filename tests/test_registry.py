@@ -84,3 +84,45 @@ except kvframe.PluginError as e:
     assert lines[2].startswith("PluginError:") and "broken" in lines[2] and "kvframe_dependency_that_does_not_exist" in lines[2]
     listing = _run("from kvframe.cli import main; main(['list'])", good, broken)
     assert "Broken plugin 'broken'" in listing.stdout
+
+
+@pytest.fixture(scope="module")
+def halfway(tmp_path_factory):
+    """A plugin that registers a scorer and a card folder, then raises SystemExit(3)."""
+    target = tmp_path_factory.mktemp("halfway")
+    _install("kvframe_halfway_plugin", target)
+    return target
+
+
+HALFWAY = """
+import kvframe, torch
+from kvframe import registry
+c = kvframe.build("knorm", budget=2)
+print(kvframe.compress(c, torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2)).positions.shape[-1])
+print(kvframe.build("vnorm_topk").scorer.power)
+print(sorted(registry.plugin_errors()))
+print([e.name for e in registry.list_policies() if e.name == "halfway_scorer"], [m for m, _, _ in registry.list_methods() if m == "halfway_method"])
+for spec in ("halfway_method", {"scorer": "halfway_scorer"}):
+    try:
+        kvframe.build(spec)
+    except kvframe.PluginError as e:
+        print("PluginError:", e)
+"""
+
+
+def test_plugin_raising_system_exit_halfway_is_contained_and_unregistered(site, halfway):
+    good, _ = site
+    out = _run(HALFWAY, good, halfway)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    lines = out.stdout.splitlines()
+    assert lines[:4] == ["2", "2.0", "['halfway']", "[] []"]  # built-ins and the good plugin work; nothing of halfway stays
+    assert lines[4].startswith("PluginError: unknown method 'halfway_method'") and "halfway (SystemExit: 3)" in lines[4]
+    assert lines[5].startswith("PluginError: unknown scorer 'halfway_scorer'") and "halfway (SystemExit: 3)" in lines[5]
+    listing = _run("from kvframe.cli import main; main(['list'])", good, halfway)
+    assert listing.returncode == 0, listing.stderr
+    assert "Broken plugin 'halfway': SystemExit: 3" in listing.stdout
+    assert "halfway_scorer" not in listing.stdout.replace("Broken plugin 'halfway'", "")
+    data = json.loads(_run("from kvframe.cli import main; main(['list', '--json'])", good, halfway).stdout)
+    assert data["broken_plugins"] == {"halfway": "SystemExit: 3"}
+    assert not any(m["name"] == "halfway_method" for m in data["methods"])
+    assert {"name": "vnorm", "origin": "plugin:sample"} in data["policies"]["scorer"]

@@ -37,9 +37,15 @@ def check_budget(budget: Any, where: str = "budget") -> float | int:
     if not math.isfinite(b) or b <= 0:
         raise ConfigError(f"{where}={budget!r} must be > 0; accepted: a ratio in (0, 1] or a number of tokens >= 1")
     if b > 1:
+        if b.is_integer():
+            raise ConfigError(
+                f"{where}={budget!r} is > 1 as a ratio; accepted: a ratio in (0, 1], or an integer number of tokens "
+                f"(write {int(b)} without a decimal point to keep {int(b)} tokens)"
+            )
         raise ConfigError(
-            f"{where}={budget!r} is > 1 as a ratio; accepted: a ratio in (0, 1], or an integer number of tokens "
-            f"(write {int(b)} without a decimal point to keep {int(b)} tokens)"
+            f"{where}={budget!r} is > 1 as a ratio and not a whole number: it is neither a ratio in (0, 1] nor a whole "
+            "number of tokens; accepted: a ratio in (0, 1] (e.g. 0.25) or an integer number of tokens >= 1 "
+            "(e.g. 512)"
         )
     return b
 
@@ -56,6 +62,11 @@ def resolve_budget(budget: float | int, content: Tensor, where: str = "budget", 
         return content.clamp(max=budget)
     if isinstance(budget, int):
         longest = int(content.max()) if content.numel() else 0
+        if longest == 0:
+            raise ConfigError(
+                f"{where}={budget} tokens: the prompt has no content tokens (every token is padding), so there is "
+                "nothing to keep; check the attention mask (or valid mask) marks the prompt's tokens"
+            )
         if budget > longest:
             raise ConfigError(
                 f"{where}={budget} tokens is larger than the prompt ({longest} tokens); accepted: 1..{longest} "
