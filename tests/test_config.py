@@ -9,7 +9,6 @@ import pytest
 from omegaconf import OmegaConf
 
 import kvframe
-from kvframe import registry
 from kvframe.eval.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -113,16 +113,3 @@ def test_cli_reports_errors_with_exit_code_2():
     out = subprocess.run([sys.executable, "-m", "kvframe.cli", "show", "nosuch"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "unknown method 'nosuch'" in out.stderr
-
-
-def test_eval_bad_config_fails_before_loading_model(tmp_path):
-    from kvframe.eval.config import load_config
-
-    with pytest.raises(UnknownNameError, match="unknown task 'pasky'; did you mean 'passkey'"):
-        load_config(None, ["tasks=[{name: pasky}]"])
-    with pytest.raises(UnknownNameError, match="unknown method 'snapk'"):
-        load_config(None, ["methods=[snapk]"])
-    with pytest.raises(ConfigError, match=r"budgets entry=0"):
-        load_config(None, ["budgets=[0]"])
-    with pytest.raises(ConfigError, match="did you mean 'budgets'"):
-        load_config(None, ["budget=[0.5]"])

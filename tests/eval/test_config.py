@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kvframe.cli import main
-from kvframe.errors import ConfigError
-from kvframe.eval.config import load_config, plan_cells, plan_tasks
+from kvframe.errors import ConfigError, UnknownNameError
+from kvframe.eval.config import default_config_path, load_config, plan_cells, plan_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +103,50 @@ def test_an_override_without_value_after_the_config_file(capsys):
     assert "override 'budget' is not of the form key=value" in capsys.readouterr().err
     assert main(["eval", "budget"]) == 2  # a first argument without '=' is a config file unless it cannot be
     assert "'budget' is neither a config file (no such file) nor a key=value override" in capsys.readouterr().err
+
+
+def test_compile_override_reaches_every_method():
+    from kvframe.eval.config import make_compressor as _make
+
+    cfg = load_config(None, ["compile=false", "methods=[snapkv, {name: kvslimmer, budgets: [0.5]}]"])
+    assert cfg.compile is False
+    assert _make("snapkv", 0.5, cfg.compile).compile is False
+    assert _make("snapkv", 0.5, None).compile == "auto"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["tasks=[{name: pasky}]"], "passkey"),
+        (["methods=[snapkvv]"], "snapkv"),
+        (["budgets=[1.5]"], "ratio in (0, 1]"),
+        (["mode=agnostic"], "query_agnostic"),
+        (["tasks=[{name: passkey, lenght: 10}]"], "length"),
+        (["wandb.mode=cloud"], "offline"),
+        (["methods=[{name: weightedkv, budgets: []}]"], "empty budgets"),
+        (["compile=always"], "accepted: auto"),
+    ],
+)
+def test_bad_config_fails_before_loading_the_model(override, needle, monkeypatch):
+    import kvframe.eval.models
+
+    monkeypatch.setattr(kvframe.eval.models, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(None, override)
+
+
+def test_default_config_parses():
+    cfg = load_config(default_config_path())
+    assert "full" in list(cfg.methods) and len(cfg.budgets) == 2
+    assert [c.label for c in plan_cells(cfg)][:3] == ["full", "streaming_llm", "streaming_llm"]
+
+
+def test_unknown_names_suggest_close_matches():
+    with pytest.raises(UnknownNameError, match="unknown task 'pasky'; did you mean 'passkey'"):
+        load_config(None, ["tasks=[{name: pasky}]"])
+    with pytest.raises(UnknownNameError, match="unknown method 'snapk'"):
+        load_config(None, ["methods=[snapk]"])
+    with pytest.raises(ConfigError, match=r"budgets entry=0"):
+        load_config(None, ["budgets=[0]"])
+    with pytest.raises(ConfigError, match="did you mean 'budgets'"):
+        load_config(None, ["budget=[0.5]"])

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from kvframe.cli import main
-from kvframe.errors import ConfigError
 from kvframe.eval.config import load_config
-from kvframe.eval.results import RESULT_FIELDS, format_table, validate_results
+from kvframe.eval.results import validate_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,62 +77,6 @@ def test_ddp_two_cpu_processes_evaluate_each_sample_once(tmp_path):
     r_ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
     r_one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert [(r["method"], r["value"], r["samples"]) for r in r_ddp] == [(r["method"], r["value"], r["samples"]) for r in r_one]
-
-
-def test_default_config_parses_and_table_formats():
-    cfg = load_config(ROOT / "kvframe" / "eval" / "configs" / "eval_default.yaml")
-    assert "full" in list(cfg.methods) and len(cfg.budgets) == 2
-    row = {k: 0 for k in RESULT_FIELDS}
-    row.update(method="full", budget=None, task="passkey", status="ok", metric="accuracy", value=1.0, samples=3, cache_kv_bytes=2**20)
-    table = format_table([row])
-    assert "| full |" in table and "1.000" in table
-
-
-def test_compile_override_reaches_every_method():
-    from kvframe.eval.config import make_compressor as _make
-
-    cfg = load_config(None, ["compile=false", "methods=[snapkv, {name: kvslimmer, budgets: [0.5]}]"])
-    assert cfg.compile is False
-    assert _make("snapkv", 0.5, cfg.compile).compile is False
-    assert _make("snapkv", 0.5, None).compile == "auto"
-
-
-@pytest.mark.parametrize(
-    "override, needle",
-    [
-        (["tasks=[{name: pasky}]"], "passkey"),
-        (["methods=[snapkvv]"], "snapkv"),
-        (["budgets=[1.5]"], "ratio in (0, 1]"),
-        (["mode=agnostic"], "query_agnostic"),
-        (["tasks=[{name: passkey, lenght: 10}]"], "length"),
-        (["wandb.mode=cloud"], "offline"),
-        (["methods=[{name: weightedkv, budgets: []}]"], "empty budgets"),
-        (["compile=always"], "accepted: auto"),
-    ],
-)
-def test_bad_config_fails_before_loading_the_model(override, needle, monkeypatch):
-    import kvframe.eval.models
-
-    monkeypatch.setattr(kvframe.eval.models, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        load_config(None, override)
-
-
-def test_results_schema_rejects_bad_records():
-    good = {k: 0 for k in RESULT_FIELDS}
-    good.update(method="m", budget=0.5, task="t", status="ok", error=None, metric="accuracy", value=0.5, samples=1,
-                content_hash="a" * 64, fingerprint="b" * 64)
-    validate_results([good])
-    for key, bad in [("samples", 0), ("content_hash", "x"), ("budget", "half"), ("prefill_s", -1.0)]:
-        with pytest.raises(ValueError, match=key):
-            validate_results([{**good, key: bad}])
-    with pytest.raises(ValueError, match="missing"):
-        validate_results([{k: v for k, v in good.items() if k != "compressor"}])
-
-
-# ---------------------------------------------------------------------------------------------
-# Results you can trust: resume only under the same configuration, unique labels, failures,
-# no state leaking between calls, Ctrl-C. A tiny random model keeps every run to seconds.
 
 
 def _run(args: list[str]) -> int:
