@@ -183,18 +183,19 @@ def composition(comp: Compressor) -> dict[str, Any]:
     return {k: v for k, v in comp.to_dict().items() if k not in META_KEYS and k != "budget"}
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"dotted.key": value}`` (an empty mapping is a value of its own)."""
     if isinstance(d, Mapping):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: d}
 
 
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """``key=value`` (values of ``a``) for every dotted key where ``a`` and ``b`` differ."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a), flatten(b)
     diff = []
     for k in sorted(set(fa) | set(fb)):
         if fa.get(k, "<unset>") != fb.get(k, "<unset>"):
@@ -358,8 +359,8 @@ def _check_strategy(strategy: str) -> None:
         raise ConfigError(f"strategy={strategy!r}{hint} Accepted: {', '.join(accepted)}")
 
 
-def validate(cfg: DictConfig) -> list[TaskPlan]:
-    """Fail before any model is loaded; returns the labelled tasks."""
+def validate(cfg: DictConfig) -> tuple[list[TaskPlan], list[CellPlan]]:
+    """Fail before any model is loaded; returns the labelled tasks and method x budget cells."""
     from kvframe.eval.models import resolve_dtype
 
     if cfg.mode not in MODES:
@@ -380,6 +381,4 @@ def validate(cfg: DictConfig) -> list[TaskPlan]:
     _check_device(cfg.device)
     _check_strategy(cfg.strategy)
     _check_output_dir(cfg.output_dir, cfg.run_name)
-    tasks = plan_tasks(cfg)
-    plan_cells(cfg)
-    return tasks
+    return plan_tasks(cfg), plan_cells(cfg)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kvframe.errors import ConfigError
+from kvframe.eval.config import flatten
 
 #: every record in results.json has these keys (see docs/evaluation.md for their meaning)
 RESULT_FIELDS = (
@@ -130,20 +131,11 @@ def write_identities(path: Path, identities: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def describe_difference(old: Mapping[str, Any] | None, new: Mapping[str, Any], limit: int = 6) -> str:
     """``key: old -> new`` for the settings that differ between two cell identities."""
     if old is None:
         return "its samples carry no configuration fingerprint (written by an older kvframe, or edited by hand)"
-    fo, fn = _flatten(old), _flatten(new)
+    fo, fn = flatten(old), flatten(new)
     diffs = []
     for k in sorted(set(fo) | set(fn)):
         a, b = fo.get(k, "<unset>"), fn.get(k, "<unset>")

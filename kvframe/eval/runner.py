@@ -41,7 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kvframe.errors import ConfigError
-from kvframe.eval.config import CellPlan, TaskPlan, composition, plan_cells, validate
+from kvframe.eval.config import CellPlan, TaskPlan, composition, validate
 from kvframe.eval.results import (
     add_bucket_ratios,
     cell_identity,
@@ -180,8 +180,7 @@ def evaluate(cfg: DictConfig) -> tuple[Path, list[dict[str, Any]]]:
     """Run the grid ``methods x budgets x tasks``; returns the run directory and the records
     (one per cell; ``status`` ``failed`` for a cell that raised). Raises :class:`EvalInterrupted`
     on Ctrl-C, after writing results for the finished cells."""
-    tasks = validate(cfg)
-    cells = plan_cells(cfg)
+    tasks, cells = validate(cfg)
     user_wandb_dirs = {v: os.environ[v] for v in _WANDB_DIR_VARS if v in os.environ}
     with _isolated_run():
         return _run(cfg, tasks, cells, user_wandb_dirs)
