@@ -94,6 +94,67 @@ def test_rouge_l_hand_cases():
     assert rouge_l_score("x y", "z") == 0.0
 
 
+def test_rouge_l_tokens_are_whitespace_words_of_any_script():
+    # case and punctuation are part of a token: "The"/"the" and "sat."/"sat" differ
+    assert rouge_l_score("The cat sat.", "the cat sat") == pytest.approx(1 / 3)
+    # any Unicode whitespace separates tokens (no-break space, ideographic space, newline)
+    assert rouge_l_score("a\u00a0b\u3000c\nd", "a b c d") == 1.0
+    # accented words stay whole: [héllo, wörld] vs [héllo, world] share 1 of 2 -> 0.5
+    assert rouge_l_score("héllo wörld", "héllo world") == 0.5
+    # pre-segmented Chinese: [猫, 坐, 在] vs [猫, 在], LCS 2: P = 2/3, R = 1 -> F = 0.8
+    assert rouge_l_score("猫 坐 在", "猫 在") == pytest.approx(0.8)
+    # an unsegmented CJK string is one token
+    assert rouge_l_score("猫坐在垫子上", "猫坐在垫子上") == 1.0
+    assert rouge_l_score("猫坐在", "猫坐在垫子上") == 0.0
+    # repeated tokens count with their multiplicity: LCS [a, b] = 2: P = 2/4, R = 1 -> 2/3
+    assert rouge_l_score("a b a b", "a b") == pytest.approx(2 / 3)
+    # nothing but whitespace is no token
+    assert rouge_l_score(" \n\t", "x") == 0.0
+    assert rouge_l_score("x", "   ") == 0.0
+    assert rouge_l_score("", "") == 0.0
+
+
+# LongBench's ROUGE-L (the `rouge` package): sentences split at ".", distinct words, the union of
+# LCS words over sentences, F = 2PR / (P + R + 1e-8); the 1e-8 is why these are approx
+LB = pytest.approx
+
+
+def test_rouge_l_longbench_exact_hand_cases():
+    def exact(p, r):
+        return rouge_l_score(p, r, longbench_exact=True)
+
+    # distinct words {the, cat, sat|lay, on, mat} = 5 each; LCS words {the, cat, on, mat} = 4 -> P = R = 0.8
+    assert exact("the cat sat on the mat", "the cat lay on the mat") == LB(0.8)
+    # no repeated word, one sentence: the standard value 4/7
+    assert exact("a b c d", "a c e") == LB(4 / 7)
+    assert exact("same words here", "same words here") == LB(1.0)
+    # distinct words: {a, b} against {a, b} -> 1 (standard ROUGE-L: 2/3)
+    assert exact("a b a b", "a b") == LB(1.0)
+    # "a. b. c" is three sentences whose LCS words with "a b c" are a, b, c -> 1 (standard: 1/3)
+    assert exact("a. b. c", "a b c") == LB(1.0)
+    # case-sensitive, and "." is a separator, not part of a word: {The, Cat, sat} vs {the, cat, sat} -> 1/3
+    assert exact("The Cat sat.", "the cat sat") == LB(1 / 3)
+    # "x. " is the sentences ["x", ""]: the empty word counts, P = 1/2, R = 1 -> 2/3
+    assert exact("x. ", "x") == LB(2 / 3)
+    # the package raises on an empty prediction (also "..." which has no sentence); LongBench scores 0
+    assert exact("", "x") == 0.0
+    assert exact("...", "x") == 0.0
+    assert exact("x y", "z") == 0.0
+
+
+def test_longbench_score_exact_switches_rouge_and_code_metrics():
+    pred, ref = "the cat sat on the mat", ["the cat lay on the mat"]
+    assert longbench_score("gov_report", pred, ref) == pytest.approx(5 / 6)
+    assert longbench_score("gov_report", pred, ref, longbench_exact=True) == LB(0.8)
+    # samsum: first line only, then LongBench's ROUGE-L
+    assert longbench_score("samsum", "a b a b\nc", ["a b"], longbench_exact=True) == LB(1.0)
+    # lcc: 1 - 1/12 by default, fuzzywuzzy's 92 % exact
+    assert longbench_score("lcc", "return a + b", ["return a - b"]) == pytest.approx(11 / 12)
+    assert longbench_score("lcc", "return a + b", ["return a - b"], longbench_exact=True) == 0.92
+    # metrics without an exact variant are unaffected
+    assert longbench_score("hotpotqa", "black cat", ["the black cat"], longbench_exact=True) == 1.0
+
+
 # ---------------------------------------------------------------------------
 # LongBench classification / count / retrieval
 # ---------------------------------------------------------------------------
@@ -149,6 +210,24 @@ def test_levenshtein_and_similarities():
     assert fuzz_ratio("", "abc") == 0.0
 
 
+def test_string_distances_on_unicode_and_empty_strings():
+    # distances count code points, not UTF-8 bytes ("é" is 2 bytes)
+    assert levenshtein("café", "cafe") == 1
+    assert levenshtein("😀a", "a") == 1
+    assert edit_similarity("naïve", "naive") == pytest.approx(0.8)
+    assert edit_similarity("", "abc") == 0.0
+    assert lcs_length(["the", "cat", "sat"], ["cat", "sat", "down"]) == 2  # token lists too
+    # LCS "caf" = 3: indel = 8 - 6 = 2 -> 1 - 2/8 = 75 %
+    assert fuzz_ratio("café", "cafe") == 0.75
+    # fuzzywuzzy returns 100 for equal strings before its empty-string rule: two empty strings are 1.0
+    assert fuzz_ratio("", "") == 1.0
+    assert fuzz_ratio("abc", "") == 0.0
+    # LCS "abcde" = 5, indel = 16 - 10 = 6 -> 62.5 %, rounded half to even as fuzzywuzzy does -> 62
+    assert fuzz_ratio("abcdefgh", "abcdeXYZ") == 0.62
+    # 87.5 % rounds to 88 (even): LCS 7 of lengths 8 and 8, indel 2
+    assert fuzz_ratio("abcdefgh", "abcdefgX") == 0.88
+
+
 def test_code_sim_first_code_line():
     assert code_sim_score("```python\n# comment\nx = foo(1)\n```", "x = foo(1)") == 1.0
     assert code_sim_score("\n\nreturn a + b\nmore", "return a - b") == pytest.approx(11 / 12)
@@ -156,6 +235,9 @@ def test_code_sim_first_code_line():
     assert code_sim_score("y = 1  # set y\nz = 2", "z = 2") == 1.0
     assert code_sim_score("// c\n`x`", "abc") == 0.0  # no code line: "" against the reference
     assert code_sim_score("return a + b", "return a - b", longbench_exact=True) == pytest.approx(0.92)
+    # no code line and an empty reference: "" == "" is a full match under both rules
+    assert code_sim_score("# only a comment", "") == 1.0
+    assert code_sim_score("# only a comment", "", longbench_exact=True) == 1.0
 
 
 # ---------------------------------------------------------------------------
