@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import tempfile
 import time
 import uuid
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from kvframe.errors import ConfigError
 
@@ -197,22 +197,25 @@ def _source_fingerprint(gguf: Path) -> dict[str, Any]:
     return {"format": _CACHE_FORMAT, "source": gguf.name, "source_size": gguf.stat().st_size}
 
 
-def _safetensors_complete(path: Path) -> bool:
-    """Check that a safetensors file is not truncated (header + data extent)."""
+def _safetensors_problem(path: Path) -> str | None:
+    """Say why ``path`` is not a complete safetensors file, or ``None`` if it is one.
+
+    Opening the file with ``safetensors.safe_open`` reads and validates its header without
+    reading the tensor data: the header must fit in the file, every tensor's ``data_offsets``
+    must match its shape and dtype, the tensors must follow each other without gap or overlap,
+    and together they must end exactly at the end of the file; a truncated or extended file, or a
+    header that lies about offsets, raises ``SafetensorError``.  A file without any tensor counts
+    as incomplete too.  The ``numpy`` framework only names the type tensors would be read as;
+    with ``pt`` the open maps the whole file into a torch storage (tens of ms for the built-in
+    model, against well under 1 ms).
+    """
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                return False
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len <= 0 or 8 + header_len > size:
-                return False
-            header = json.loads(fh.read(header_len))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return False
-    return bool(ends) and 8 + header_len + max(ends) == size
+        with safe_open(str(path), framework="numpy") as fh:
+            if not list(fh.keys()):
+                return "has no tensors"
+    except (SafetensorError, OSError) as err:
+        return f"is not a complete safetensors file ({err})"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -261,8 +264,9 @@ def _cache_problem(directory: Path, expected: dict[str, Any] | None = None) -> s
     """Say what makes ``directory`` unusable as a converted checkpoint, or ``None`` if nothing.
 
     Cheap checks come first (required files present and non-empty, metadata
-    format and source, recorded sizes, the safetensors data extent); then every
-    recorded file is hashed and compared with its recorded sha256.
+    format and source, recorded sizes, the safetensors header and data extent
+    as the ``safetensors`` library validates them); then every recorded file is
+    hashed and compared with its recorded sha256.
 
     Parameters
     ----------
@@ -300,8 +304,9 @@ def _cache_problem(directory: Path, expected: dict[str, Any] | None = None) -> s
         size = file.stat().st_size
         if size != record.get("size"):
             return f"{name} has {size} bytes, {record.get('size')} were recorded"
-    if not _safetensors_complete(directory / "model.safetensors"):
-        return "model.safetensors is truncated"
+    problem = _safetensors_problem(directory / "model.safetensors")
+    if problem is not None:
+        return f"model.safetensors {problem}"
     for name, record in files.items():
         if _sha256(directory / name) != record.get("sha256"):
             return f"{name} does not match its recorded sha256 (corrupted)"

@@ -294,6 +294,84 @@ def test_corrupted_cache_file_is_rebuilt(fake_cache, caplog, name):
     assert _leftovers(path.parent) == []
 
 
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _safetensors_bytes(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+def _lying_offsets(path: Path) -> None:
+    """Rewrite ``path`` so that its header says the 64x64 float32 tensor ``w`` takes 100 bytes, and
+    cut the data to those 100 bytes: the extent the header claims ends exactly at the end of the
+    file, so only a check of offsets against shapes and dtypes notices (16384 bytes are needed)."""
+    header, body = _safetensors_parts(path)
+    header["w"]["data_offsets"] = [0, 100]
+    path.write_bytes(_safetensors_bytes(header, body[:100]))
+
+
+def test_safetensors_check_finds_truncated_extended_and_lying_files(tmp_path):
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64), "b": torch.ones(3)}, str(good))
+    assert models._safetensors_problem(good) is None
+    header, body = _safetensors_parts(good)
+    assert header["b"]["data_offsets"] == [0, 12] and header["w"]["data_offsets"] == [12, 12 + 64 * 64 * 4]
+    raw = good.read_bytes()
+
+    def problem(data: bytes) -> str | None:
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(data)
+        return models._safetensors_problem(bad)
+
+    lying = json.loads(json.dumps(header))
+    lying["w"]["data_offsets"] = [12, 112]  # ends where the (cut) file ends, but 64x64 float32 needs 16384 bytes
+    overlap = json.loads(json.dumps(header))
+    overlap["w"]["data_offsets"] = [8, 8 + 64 * 64 * 4]  # starts inside b
+    wrong_shape = json.loads(json.dumps(header))
+    wrong_shape["w"]["shape"] = [64, 63]
+    cases = {
+        "truncated": raw[:-10],
+        "extended": raw + b"\0" * 8,
+        "empty": b"",
+        "header longer than the file": (10**6).to_bytes(8, "little") + raw[8:],
+        "header not JSON": (8).to_bytes(8, "little") + b"not json",
+        "offsets shorter than the shape": _safetensors_bytes(lying, body[:112]),
+        "overlapping offsets": _safetensors_bytes(overlap, body[:8] + body[12:]),
+        "shape not matching offsets": _safetensors_bytes(wrong_shape, body),
+    }
+    for what, data in cases.items():
+        found = problem(data)
+        assert found is not None and found.startswith("is not a complete safetensors file ("), (what, found)
+    assert problem(_safetensors_bytes({"__metadata__": {"format": "pt"}}, b"")) == "has no tensors"
+    assert "is not a complete safetensors file" in models._safetensors_problem(tmp_path / "missing.safetensors")
+
+
+def test_cache_with_a_lying_safetensors_header_is_rebuilt(fake_cache, caplog):
+    """Sizes and sha256 recorded for the bad file itself (a conversion that wrote it): only the
+    safetensors check can tell, before transformers fails on it."""
+    _, calls = fake_cache
+    path = models._ensure_smollm2_cache()
+    _lying_offsets(path / "model.safetensors")
+    models._write_cache_meta(path, models._source_fingerprint(models._smollm2_gguf_path()))
+    problem = models._cache_problem(path)
+    assert problem.startswith("model.safetensors is not a complete safetensors file (") and "invalid" in problem
+
+    with caplog.at_level(logging.WARNING, logger="kvframe.eval.models"):
+        assert models._ensure_smollm2_cache() == path
+    assert len(calls) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "model.safetensors is not a complete safetensors file" in warnings[0]
+    assert models._cache_problem(path) is None
+    assert _safetensors_parts(path / "model.safetensors")[0]["w"]["data_offsets"] == [0, 64 * 64 * 4]
+
+
 def test_old_format_cache_without_hashes_is_rebuilt(fake_cache, caplog):
     _, calls = fake_cache
     path = models._ensure_smollm2_cache()
