@@ -43,13 +43,14 @@ def test_import_changes_nothing():
 
 #: distributions of the [eval] and [triton] extras, absent from a library-only install
 EXTRAS = {"lightning", "pytorch-lightning", "lightning-fabric", "torchmetrics", "lightning-utilities", "wandb",
-          "matplotlib", "datasets", "gguf", "accelerate", "triton"}
+          "matplotlib", "datasets", "gguf", "accelerate", "triton", "rapidfuzz", "rouge-score", "rouge"}
 
 LIBRARY = """
 import sys, torch, kvframe
 from kvframe import registry
 from kvframe.testing import tiny_model
-for name in ("lightning", "wandb", "matplotlib", "datasets", "gguf", "accelerate", "triton"):
+for name in ("lightning", "wandb", "matplotlib", "datasets", "gguf", "accelerate", "triton", "rapidfuzz", "rouge_score",
+             "rouge"):
     try:
         __import__(name)
     except ImportError:
@@ -108,7 +109,8 @@ def test_library_imports_no_eval_module():
         "from kvframe.testing import tiny_model; m = tiny_model('llama'); "
         "kvframe.compress(kvframe.build('knorm'), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)); "
         "bad = sorted(n for n in sys.modules if n.split('.')[0] in "
-        "('lightning', 'pytorch_lightning', 'wandb', 'matplotlib', 'datasets', 'gguf') or n.startswith('kvframe.eval')); "
+        "('lightning', 'pytorch_lightning', 'wandb', 'matplotlib', 'datasets', 'gguf', 'rapidfuzz', 'rouge_score', "
+        "'rouge') or n.startswith('kvframe.eval')); "
         "print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
