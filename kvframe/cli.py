@@ -52,7 +52,7 @@ def show(name: str, overrides: list[str] | None = None) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(comp.to_dict()))
 
 
-EVAL_EXTRA_MODULES = ("lightning", "wandb", "matplotlib")
+EVAL_EXTRA_MODULES = ("lightning", "wandb", "matplotlib", "rapidfuzz", "rouge_score", "rouge")
 
 
 def _require_eval_extra() -> None:

@@ -342,6 +342,11 @@ class LongBenchTask(Task):
     answers, first line only for trec/triviaqa/samsum), in ``[0, 1]`` (LongBench reports x100).
     Long prompts are not truncated here; use :func:`truncate_middle` for LongBench's middle
     truncation to the model's window.
+
+    ``exact`` (default true) scores ROUGE-L and code similarity as LongBench's own script does (the
+    ``rouge`` package and a whole-percent fuzzy ratio), so numbers compare with published LongBench
+    tables; ``exact: false`` uses the plain ROUGE-L of ``rouge-score`` and the edit similarity
+    (see :func:`kvframe.eval.metrics.rouge_l_score` for where the two differ).
     """
 
     name: ClassVar[str] = "longbench"
@@ -353,8 +358,11 @@ class LongBenchTask(Task):
     n_samples: int | None = None
     data_files: Any = None
     cache_dir: str | None = None
+    exact: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.exact, bool):
+            raise ConfigError(f"longbench exact={self.exact!r}; accepted: true (LongBench's own ROUGE-L and code scores) or false")
         if self.dataset not in LONGBENCH_PROMPTS:
             raise unknown_name("LongBench dataset", str(self.dataset), LONGBENCH_DATASETS)
         _check_n(self.n_samples)
@@ -416,7 +424,9 @@ class LongBenchTask(Task):
     def score(self, prediction: str, sample: Sample) -> float:
         from kvframe.eval.metrics import longbench_score
 
-        return float(longbench_score(self.dataset, prediction, list(sample.answers), sample.meta.get("all_classes")))
+        return float(
+            longbench_score(self.dataset, prediction, list(sample.answers), sample.meta.get("all_classes"), longbench_exact=self.exact)
+        )
 
 
 def _longbench_metric_name(dataset: str) -> str:

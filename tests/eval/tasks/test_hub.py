@@ -346,3 +346,17 @@ def test_tasks_build_by_name_from_a_config(tmp_path, cache):
     assert [s.answers for s in task.samples()] == [("123",)]
     with pytest.raises(ConfigError, match="not found"):
         make_task({"name": "pg19", "data_files": str(tmp_path / "nope.parquet")})
+
+
+@needs_datasets
+def test_longbench_scores_are_longbenchs_own_unless_exact_is_off(tmp_path, cache):
+    """ROUGE-L tasks score as LongBench's script does by default (the ``rouge`` package: 0.8 here),
+    and as plain ROUGE-L (5/6: the LCS of 5 of 6 words) with ``exact: false``."""
+    rows = _jsonl(tmp_path / "gov.jsonl", [_lb_row("gov_report", 0, "A report.", "", ["the cat sat on the mat"])])
+    exact = LongBenchTask("gov_report", data_files=str(rows), cache_dir=cache)
+    plain = LongBenchTask("gov_report", data_files=str(rows), cache_dir=cache, exact=False)
+    (s,) = exact.samples()
+    assert exact.score("the cat lay on the mat", s) == pytest.approx(0.8, abs=1e-7)
+    assert plain.score("the cat lay on the mat", s) == pytest.approx(5 / 6, abs=1e-12)
+    with pytest.raises(ConfigError, match="exact='yes'"):
+        LongBenchTask("gov_report", data_files=str(rows), exact="yes")
