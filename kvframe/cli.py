@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kvframe eval: {len(failed)} of {len(records)} cells failed (errors in {run_dir / 'results.json'}):",
                       file=sys.stderr)
                 for r in failed:
-                    print(f"  {r['method']} / {r['budget'] if r['budget'] is not None else 'full'} / {r['task']}: {r['error']}",
-                          file=sys.stderr)
+                    budget = r["budget"] if r["budget"] is not None else "full"
+                    print(f"  {r['method']} / {budget} / {r['task']} / {r['mode']}: {r['error']}", file=sys.stderr)
                 return 1
     except KVFrameError as exc:
         print(f"kvframe {args.command}: error: {exc}", file=sys.stderr)

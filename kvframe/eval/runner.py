@@ -1,10 +1,12 @@
-"""``kvframe eval``: a grid of methods x budgets x tasks, run as Lightning test loops.
+"""``kvframe eval``: a grid of methods x budgets x tasks x modes, run as Lightning test loops.
 
 Configured by YAML (omegaconf) plus ``key=value`` overrides (:mod:`kvframe.eval.config`, validated
 before the model loads). Everything a method needs comes from its composition; the runner never
-looks at a method's name. Per cell (method, budget, task) a ``Trainer.test`` runs
-:class:`kvframe.eval.module.EvalModule` over the samples not yet finished, with one W&B logger
-(offline unless configured) and one CSV logger shared by the whole run. Under DDP (``devices``,
+looks at a method's name. ``mode`` lists the decoding modes (``query_agnostic``, ``query_aware``):
+every generation task runs once per mode; a task that does not decode (streaming perplexity) runs
+once per method and budget, recorded with mode ``stream``. Per cell (method, budget, task, mode) a
+``Trainer.test`` runs :class:`kvframe.eval.module.EvalModule` over the samples not yet finished,
+with one W&B logger (offline unless configured) and one CSV logger shared by the whole run. Under DDP (``devices``,
 ``num_nodes``, ``strategy``) each rank takes every ``world``-th pending sample; rank 0 writes
 ``results.json``, the table and the plots.
 
@@ -41,11 +43,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kvframe.errors import ConfigError
-from kvframe.eval.config import CellPlan, TaskPlan, composition, validate
+from kvframe.eval.config import CellPlan, TaskPlan, composition, modes, task_modes, validate
 from kvframe.eval.results import (
     add_bucket_ratios,
     cell_identity,
     cell_key,
+    describe_cell,
     drop_partial_line,
     fingerprint,
     format_table,
@@ -138,18 +141,18 @@ def _close_loggers(loggers: list[Any]) -> None:
 class _Cell:
     plan: CellPlan
     task: TaskPlan
+    mode: str  # a decoding mode, or ``stream`` for a task that does not decode
     samples: list[Any]
     identity: dict[str, Any]
     fingerprint: str
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return cell_key(self.plan.label, self.plan.budget, self.task.label)
+    def key(self) -> tuple[str, str, str, str]:
+        return cell_key(self.plan.label, self.plan.budget, self.task.label, self.mode)
 
     @property
     def name(self) -> str:
-        b = self.plan.budget if self.plan.budget is not None else "full"
-        return f"{self.plan.label} / {b} / {self.task.label}"
+        return describe_cell(self.key)
 
 
 def _plan(cfg: DictConfig, tasks: list[TaskPlan], cells: list[CellPlan], tok: Any, device_type: str) -> list[_Cell]:
@@ -165,14 +168,15 @@ def _plan(cfg: DictConfig, tasks: list[TaskPlan], cells: list[CellPlan], tok: An
         if len(set(ids)) != len(ids):
             raise ConfigError(f"task {tp.label!r} generated duplicate sample ids; change its parameters")
         digest = content_hash(samples)
-        for cp in cells:
-            ident = cell_identity(
-                model=model_id, dtype=cfg.dtype, device=device_type, task_name=tp.task.name, task_config=task_config(tp.task),
-                content_hash=digest, task_kind=tp.task.kind, mode=cfg.mode, max_new_tokens=cfg.max_new_tokens,
-                compressor={**composition(cp.compressor), "budget": cp.compressor.budget if cp.budget is not None else None},
-                seed=cfg.seed,
-            )
-            out.append(_Cell(cp, tp, samples, ident, fingerprint(ident)))
+        for mode in task_modes(tp.task, modes(cfg)):
+            for cp in cells:
+                ident = cell_identity(
+                    model=model_id, dtype=cfg.dtype, device=device_type, task_name=tp.task.name, task_config=task_config(tp.task),
+                    content_hash=digest, task_kind=tp.task.kind, mode=mode, max_new_tokens=cfg.max_new_tokens,
+                    compressor={**composition(cp.compressor), "budget": cp.compressor.budget if cp.budget is not None else None},
+                    seed=cfg.seed,
+                )
+                out.append(_Cell(cp, tp, mode, samples, ident, fingerprint(ident)))
     return out
 
 
@@ -217,7 +221,7 @@ def _run(cfg: DictConfig, tasks: list[TaskPlan], plans: list[CellPlan], user_wan
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     loggers = _loggers(cfg, run_dir, user_wandb_dirs)
-    errors: dict[tuple[str, str, str], str] = {}
+    errors: dict[tuple[str, str, str, str], str] = {}
     try:
         for cell in cells:
             done = state.done_ids(cell.key)
@@ -262,10 +266,11 @@ def _run_cell(L: Any, cfg: DictConfig, accelerator: str, model: Any, tok: Any, c
         use_distributed_sampler=False,
         inference_mode=False,  # no_grad instead: AsymKV's scoring pass takes key gradients
     )
-    meta = {"method": cell.plan.label, "budget": cell.plan.budget, "task": cell.task.label, "fingerprint": cell.fingerprint}
+    meta = {"method": cell.plan.label, "budget": cell.plan.budget, "task": cell.task.label, "mode": cell.mode,
+            "fingerprint": cell.fingerprint}
     b = cell.plan.budget if cell.plan.budget is not None else "full"
-    module = EvalModule(model, tok, cell.plan.compressor, cell.task.task, meta, pred_path, cfg.max_new_tokens, cfg.mode,
-                        log_prefix=f"{cell.plan.label}/{b}/{cell.task.label}/")
+    module = EvalModule(model, tok, cell.plan.compressor, cell.task.task, meta, pred_path, cfg.max_new_tokens, cell.mode,
+                        log_prefix=f"{cell.plan.label}/{b}/{cell.task.label}/{cell.mode}/")
     try:
         trainer.test(module, datamodule=TaskDataModule(cell.task.task, tok, done, cell.samples), verbose=False)
     except SystemExit:
@@ -300,8 +305,8 @@ def _finish(
         value, extra = summarize(c.task.task, got) if got and err is None else (None, {})
         if err is None and interrupted and len(got) < len(c.samples):
             extra["partial"] = f"{len(got)} of {len(c.samples)} samples (interrupted)"
-        records.append(record(method=c.plan.label, budget=c.plan.budget, task=c.task.label, metric=c.task.task.metric, rows=got,
-                              value=value, extra=extra, identity=c.identity, fp=c.fingerprint, meta=meta, error=err))
+        records.append(record(method=c.plan.label, budget=c.plan.budget, task=c.task.label, mode=c.mode, metric=c.task.task.metric,
+                              rows=got, value=value, extra=extra, identity=c.identity, fp=c.fingerprint, meta=meta, error=err))
     add_bucket_ratios([r for r in records if r["status"] == "ok"])
     (run_dir / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     table = format_table(records)
@@ -340,6 +345,7 @@ def _log_summary(loggers: list[Any], records: list[dict[str, Any]], plots: list[
             continue
         import wandb
 
-        cols = ["method", "budget", "task", "status", "metric", "value", "samples", "cache_kv_bytes", "prefill_s", "compression_s", "decode_s"]
+        cols = ["method", "budget", "task", "mode", "status", "metric", "value", "samples", "cache_kv_bytes", "prefill_s",
+                "compression_s", "decode_s"]
         data = [[r[c] if c not in ("budget", "value") else (str(r[c]) if c == "budget" else r[c]) for c in cols] for r in records]
         lg.experiment.log({"results": wandb.Table(columns=cols, data=data), **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
