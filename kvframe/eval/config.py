@@ -79,7 +79,8 @@ class EvalConfig:
     # each method's own setting (auto: compiled on CUDA, eager on CPU)
     compile: Any = None
     plots: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # Lightning's per-cell bars
+    grid_progress: bool = True  # one line for the whole grid on stderr (cells, samples, elapsed, ETA)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

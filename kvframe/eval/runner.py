@@ -43,6 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kvframe.errors import ConfigError
+from kvframe.eval.progress import SAMPLE_LINE_INTERVAL_S, GridProgress, PredictionsTail, cell_bar, lightning_callback
 from kvframe.eval.config import CellPlan, TaskPlan, composition, modes, task_modes, validate
 from kvframe.eval.results import (
     add_bucket_ratios,
@@ -222,25 +223,43 @@ def _run(cfg: DictConfig, tasks: list[TaskPlan], plans: list[CellPlan], user_wan
 
     loggers = _loggers(cfg, run_dir, user_wandb_dirs)
     errors: dict[tuple[str, str, str, str], str] = {}
+    progress = _grid_progress(cfg, cells, state) if rank0 and cfg.grid_progress else None
+    tail = PredictionsTail(pred_path) if progress is not None else None
     try:
-        for cell in cells:
+        if progress is not None:
+            progress.start()
+        for i, cell in enumerate(cells):
             done = state.done_ids(cell.key)
             if len(done) == len(cell.samples):
                 continue
+            extra = []
+            if progress is not None and tail is not None:
+                tail.new_records()  # records appended before this cell are not its samples
+                progress.cell_started(i)
+                extra.append(lightning_callback(progress, tail))
             try:
-                _run_cell(L, cfg, accelerator, model, tok, cell, done, pred_path, loggers)
+                _run_cell(L, cfg, accelerator, model, tok, cell, done, pred_path, loggers, extra)
             except (KeyboardInterrupt, EvalInterrupted):
                 raise
             except Exception as exc:  # one failing cell must not lose the grid: record it, go on
                 errors[cell.key] = f"{type(exc).__name__}: {exc}"
+                if progress is not None:
+                    progress.close()
                 print(f"kvframe eval: cell {cell.name} failed: {errors[cell.key]}", file=sys.stderr, flush=True)
                 with (run_dir / "errors.log").open("a") as f:
                     f.write(f"--- {_dt.datetime.now().isoformat()} {cell.name}\n{traceback.format_exc()}\n")
+            if progress is not None and tail is not None:
+                progress.samples_finished(tail.new_records())
+                progress.cell_finished(failed=cell.key in errors)
     except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
         if rank0:
             _finish(cfg, run_dir, cells, pred_path, errors, loggers, tasks, interrupted=True)
         _close_loggers(loggers)
         raise EvalInterrupted(run_dir) from None
+    if progress is not None:
+        progress.close()
     if not rank0:
         _close_loggers(loggers)
         return run_dir, []
@@ -251,15 +270,37 @@ def _run(cfg: DictConfig, tasks: list[TaskPlan], plans: list[CellPlan], user_wan
     return run_dir, records
 
 
-def _run_cell(L: Any, cfg: DictConfig, accelerator: str, model: Any, tok: Any, cell: _Cell, done: set[str], pred_path: Path, loggers: list[Any]) -> None:
+def _grid_progress(cfg: DictConfig, cells: list[_Cell], state: Any) -> GridProgress:
+    """The grid's progress line on stderr: redrawn in place on a terminal that Lightning's bars
+    (stdout) do not share; otherwise plain lines (after each cell, and after a sample every
+    :data:`~kvframe.eval.progress.SAMPLE_LINE_INTERVAL_S` seconds unless Lightning draws bars on
+    the terminal)."""
+    tty = sys.stderr.isatty()
+    bars = bool(cfg.progress_bar)
+    return GridProgress(
+        [(len(c.samples), len(state.done_ids(c.key))) for c in cells],
+        stream=sys.stderr,
+        live=tty and not bars,
+        sample_interval=None if tty and bars else SAMPLE_LINE_INTERVAL_S,
+    )
+
+
+def _run_cell(
+    L: Any, cfg: DictConfig, accelerator: str, model: Any, tok: Any, cell: _Cell, done: set[str], pred_path: Path,
+    loggers: list[Any], callbacks: list[Any] | None = None,
+) -> None:
     from kvframe.eval.module import EvalModule, TaskDataModule
 
+    callbacks = list(callbacks or [])
+    if cfg.progress_bar:
+        callbacks.append(cell_bar(cell.name))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         logger=loggers,
+        callbacks=callbacks,
         enable_progress_bar=bool(cfg.progress_bar),
         enable_model_summary=False,
         enable_checkpointing=False,

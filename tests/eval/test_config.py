@@ -183,3 +183,10 @@ def test_bad_modes_name_what_is_accepted(override, message, capsys):
     assert message in str(info.value)
     assert main(["eval", override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_grid_progress_is_a_switch():
+    assert load_config(None, []).grid_progress is True
+    assert load_config(None, ["grid_progress=false"]).grid_progress is False
+    with pytest.raises(ConfigError, match="grid_progress"):
+        load_config(None, ["grid_progress=sometimes"])

@@ -311,3 +311,44 @@ def test_a_run_directory_written_before_modes_were_a_dimension_resumes(eval_args
     assert _run(eval_args("mode=[query_agnostic, query_aware]", "max_new_tokens=2")) == 2
     err = capsys.readouterr().err
     assert "already holds samples computed under another configuration" in err and "query_aware" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid's progress line
+
+
+def _progress_lines(err: str) -> list[str]:
+    return [x for x in err.splitlines() if x.startswith("kvframe eval: cells ")]
+
+
+def _shape(line: str) -> str:
+    """A progress line with its time values replaced by T (they depend on the machine); a zero ETA
+    (nothing left) and an unknown one (-) stay."""
+    import re
+
+    return re.sub(r"ETA (?!0:00:00)\d+:\d\d:\d\d", "ETA T", re.sub(r"elapsed \d+:\d\d:\d\d", "elapsed T", line))
+
+
+def test_progress_line_counts_cells_and_samples(eval_args, tmp_path, capsys, monkeypatch):
+    import kvframe.eval.runner as runner
+
+    monkeypatch.setattr(runner, "SAMPLE_LINE_INTERVAL_S", None)  # one line per cell, whatever the machine's speed
+    args = eval_args("budgets=[4096, 0.5]")  # knorm at 4096 tokens fails (the prompts have 256)
+    assert _run(args) == 1
+    lines = _progress_lines(capsys.readouterr().err)
+    assert [_shape(x) for x in lines] == [
+        "kvframe eval: cells 0/3 | samples 0/6 | elapsed T | ETA -",
+        "kvframe eval: cells 1/3 | samples 2/6 | elapsed T | ETA T",
+        "kvframe eval: cells 2/3 (1 failed) | samples 2/6 | elapsed T | ETA T",
+        "kvframe eval: cells 3/3 (1 failed) | samples 4/6 | elapsed T | ETA 0:00:00",
+    ]
+    # resumed: finished samples count as done but not toward the speed; only the failed cell runs again
+    assert _run(args) == 1
+    lines = _progress_lines(capsys.readouterr().err)
+    assert [_shape(x) for x in lines] == [
+        "kvframe eval: cells 2/3 | samples 4/6 (4 resumed) | elapsed T | ETA -",
+        "kvframe eval: cells 3/3 (1 failed) | samples 4/6 (4 resumed) | elapsed T | ETA 0:00:00",
+    ]
+    # its own switch, independent of Lightning's bars
+    assert _run(args + ["grid_progress=false"]) == 1
+    assert _progress_lines(capsys.readouterr().err) == []
