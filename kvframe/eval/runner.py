@@ -6,9 +6,10 @@ looks at a method's name. ``mode`` lists the decoding modes (``query_agnostic``,
 every generation task runs once per mode; a task that does not decode (streaming perplexity) runs
 once per method and budget, recorded with mode ``stream``. Per cell (method, budget, task, mode) a
 ``Trainer.test`` runs :class:`kvframe.eval.module.EvalModule` over the samples not yet finished,
-with one W&B logger (offline unless configured) and one CSV logger shared by the whole run. Under DDP (``devices``,
-``num_nodes``, ``strategy``) each rank takes every ``world``-th pending sample; rank 0 writes
-``results.json``, the table and the plots.
+with one W&B logger (offline unless configured) and one CSV logger shared by the whole run. Under
+DDP (``devices``, ``num_nodes``, ``strategy``) each rank takes every ``world``-th pending sample;
+rank 0 writes ``results.json``, the table and the plots, and prints one progress line for the
+whole grid (:mod:`kvframe.eval.progress`).
 
 Trust in the numbers (:mod:`kvframe.eval.results`): every sample record carries its cell's
 fingerprint, and resuming into a run directory whose samples were computed under another
@@ -359,7 +360,7 @@ def _finish(
         from kvframe.eval.plots import make_plots
 
         plots = make_plots(records, rows, run_dir / "plots", {t.label: t.task for t in tasks})
-    _log_summary(loggers, records, plots)
+    _log_summary(loggers, records, plots, run_dir.name)
     print(table, flush=True)
     print(f"results: {run_dir / 'results.json'}", flush=True)
     return records
@@ -379,14 +380,16 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
-def _log_summary(loggers: list[Any], records: list[dict[str, Any]], plots: list[Path]) -> None:
-    """Results table and plots to W&B (as a table and images); CSV already has the per-cell metrics."""
+def _log_summary(loggers: list[Any], records: list[dict[str, Any]], plots: list[Path], run_name: str) -> None:
+    """The leaderboard table (:func:`kvframe.eval.report.leaderboard_table`, the table ``kvframe report``
+    writes and logs) and the plots to W&B; CSV already has the per-cell metrics."""
+    from kvframe.eval.report import leaderboard_table
+
     for lg in loggers:
         if type(lg).__name__ != "WandbLogger":
             continue
         import wandb
 
-        cols = ["method", "budget", "task", "mode", "status", "metric", "value", "samples", "cache_kv_bytes", "prefill_s",
-                "compression_s", "decode_s"]
-        data = [[r[c] if c not in ("budget", "value") else (str(r[c]) if c == "budget" else r[c]) for c in cols] for r in records]
-        lg.experiment.log({"results": wandb.Table(columns=cols, data=data), **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+        columns, rows = leaderboard_table([{**r, "run": run_name} for r in records])
+        lg.experiment.log({"leaderboard": wandb.Table(columns=columns, data=rows),
+                           **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
