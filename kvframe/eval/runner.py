@@ -125,9 +125,11 @@ def _loggers(cfg: DictConfig, run_dir: Path, user_wandb_dirs: dict[str, str]) ->
         if cfg.wandb.mode == "offline":
             os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
+        # the mode goes to wandb.init too: the environment alone is ignored where W&B was set up
+        # earlier in the process (another run, kvframe report), which would then try to go online
         loggers.append(
             WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, save_dir=str(wdir), offline=cfg.wandb.mode == "offline",
-                        name=run_dir.name, config=OmegaConf.to_container(cfg, resolve=True))
+                        name=run_dir.name, config=OmegaConf.to_container(cfg, resolve=True), mode=cfg.wandb.mode)
         )
     return loggers
 
