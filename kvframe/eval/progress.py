@@ -179,4 +179,14 @@ def cell_bar(name: str) -> Any:
         def test_description(self) -> str:
             return name
 
+        def init_test_tqdm(self) -> Any:
+            bar = super().init_test_tqdm()
+            bar.set_description(name)
+            return bar
+
+        def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+            super().on_test_batch_start(*args, **kwargs)
+            # the cell's name alone, without Lightning's " DataLoader 0" (a cell has one dataloader)
+            self.test_progress_bar.set_description(name)
+
     return _CellBar()
