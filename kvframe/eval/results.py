@@ -220,7 +220,10 @@ def resume_state(
     if conflicts:
         lines = []
         for key, old in list(conflicts.items())[:3]:
-            what = describe_difference(identities.get(old) if old else None, identities[planned[key]])
+            if old and old not in identities:
+                what = f"its samples carry fingerprint {old[:12]}..., a configuration cells.json does not describe"
+            else:
+                what = describe_difference(identities.get(old) if old else None, identities[planned[key]])
             lines.append(f"  {describe_cell(key)}: {what}")
         more = f"\n  ... and {len(conflicts) - 3} more cells" if len(conflicts) > 3 else ""
         raise ConfigError(

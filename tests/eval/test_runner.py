@@ -272,45 +272,46 @@ def test_two_modes_give_a_cell_per_mode_and_perplexity_runs_once(eval_args, tmp_
 
 def test_a_changed_mode_list_runs_only_the_new_cells(eval_args, tmp_path):
     run = tmp_path / "runs" / "r"
-    assert _run(eval_args()) == 0  # query_agnostic, the default
+    args = eval_args("methods=[knorm]")
+    assert _run(args) == 0  # query_agnostic, the default
     first = _lines(run / "predictions.jsonl")
-    assert {json.loads(x)["mode"] for x in first} == {"query_agnostic"}
-    assert _run(eval_args("mode=[query_agnostic, query_aware]")) == 0
+    assert [json.loads(x)["mode"] for x in first] == ["query_agnostic"] * 2
+    assert _run([*args, "mode=[query_agnostic, query_aware]"]) == 0
     lines = _lines(run / "predictions.jsonl")
-    assert lines[:4] == first and [json.loads(x)["mode"] for x in lines[4:]] == ["query_aware"] * 4
-    assert [(r["method"], r["mode"]) for r in _records(run)] == [
-        ("full", "query_agnostic"), ("knorm", "query_agnostic"), ("full", "query_aware"), ("knorm", "query_aware")]
+    assert lines[:2] == first and [json.loads(x)["mode"] for x in lines[2:]] == ["query_aware"] * 2
+    assert [(r["method"], r["mode"]) for r in _records(run)] == [("knorm", "query_agnostic"), ("knorm", "query_aware")]
     # each mode resumes on its own: drop one query_aware sample (as an interruption would), run again
     (run / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
-    assert _run(eval_args("mode=[query_aware, query_agnostic]")) == 0
+    assert _run([*args, "mode=[query_aware, query_agnostic]"]) == 0
     again = _lines(run / "predictions.jsonl")
     assert again[:-1] == lines[:-1] and json.loads(again[-1])["sample_id"] == json.loads(lines[-1])["sample_id"]
     # one mode alone reports its own cells, nothing runs
-    assert _run(eval_args("mode=query_aware")) == 0
+    assert _run([*args, "mode=query_aware"]) == 0
     assert _lines(run / "predictions.jsonl") == again
-    assert {r["mode"] for r in _records(run)} == {"query_aware"}
+    assert [r["mode"] for r in _records(run)] == ["query_aware"]
 
 
 def test_a_run_directory_written_before_modes_were_a_dimension_resumes(eval_args, tmp_path, capsys):
     """Records without ``mode`` belong to the mode their fingerprint was computed under."""
     run = tmp_path / "runs" / "r"
-    assert _run(eval_args("mode=query_aware")) == 0
+    args = eval_args("methods=[knorm]")
+    assert _run([*args, "mode=query_aware"]) == 0
     old = [json.loads(x) for x in _lines(run / "predictions.jsonl")]
     for r in old:
         r.pop("mode")
     (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
-    assert _run(eval_args("mode=[query_agnostic, query_aware]")) == 0
+    assert _run([*args, "mode=[query_agnostic, query_aware]"]) == 0
     lines = [json.loads(x) for x in _lines(run / "predictions.jsonl")]
-    assert lines[:4] == old and [x["mode"] for x in lines[4:]] == ["query_agnostic"] * 4  # only the new mode ran
-    records = _records(run)
-    assert [(r["method"], r["mode"], r["samples"]) for r in records] == [
-        ("full", "query_agnostic", 2), ("knorm", "query_agnostic", 2), ("full", "query_aware", 2), ("knorm", "query_aware", 2)]
+    assert lines[:2] == old and [x["mode"] for x in lines[2:]] == ["query_agnostic"] * 2  # only the new mode ran
+    assert [(r["method"], r["mode"], r["samples"]) for r in _records(run)] == [("knorm", "query_agnostic", 2), ("knorm", "query_aware", 2)]
     # without cells.json and with a changed setting, the mode of the old samples is unknown: refused, nothing mixed
     (run / "cells.json").unlink()
     capsys.readouterr()
-    assert _run(eval_args("mode=[query_agnostic, query_aware]", "max_new_tokens=2")) == 2
+    assert _run([*args, "mode=[query_agnostic, query_aware]", "max_new_tokens=2"]) == 2
     err = capsys.readouterr().err
-    assert "already holds samples computed under another configuration" in err and "query_aware" in err
+    assert "already holds samples computed under another configuration" in err
+    assert "knorm / budget 0.5 / passkey / query_aware: its samples carry fingerprint " in err
+    assert "a configuration cells.json does not describe" in err
 
 
 # ---------------------------------------------------------------------------------------------
