@@ -250,7 +250,7 @@ def test_the_eval_and_the_report_log_the_same_leaderboard_table_to_wandb(two_run
 
 
 def test_report_of_a_tiny_model_eval_run(eval_args, tmp_path, capsys):
-    assert main(["eval", *eval_args("mode=[query_agnostic, query_aware]")]) == 0
+    assert main(["eval", *eval_args("methods=[knorm]", "mode=[query_agnostic, query_aware]")]) == 0
     run = tmp_path / "runs" / "r"
     capsys.readouterr()
     out = tmp_path / "report"
@@ -260,8 +260,9 @@ def test_report_of_a_tiny_model_eval_run(eval_args, tmp_path, capsys):
     with (out / "leaderboard.csv").open() as f:
         rows = list(csv.DictReader(f))
     results = json.loads((run / "results.json").read_text())
-    assert [(r["method"], r["mode"], r["value"]) for r in rows] == [
-        (r["method"], r["mode"], str(r["value"])) for r in sorted(results, key=lambda r: r["method"] != "full")]
+    assert [(r["method"], r["budget"], r["mode"], r["value"]) for r in rows] == [
+        ("knorm", "0.5", r["mode"], str(r["value"])) for r in results]
+    assert [r["mode"] for r in results] == ["query_agnostic", "query_aware"]
     assert {p.name for p in (out / "plots").iterdir()} == {"passkey_query_agnostic_score_vs_budget.png",
                                                           "passkey_query_aware_score_vs_budget.png"}
     assert list((out / "wandb").rglob("*.wandb"))  # an offline W&B run, no network
