@@ -1,4 +1,4 @@
-"""The ``kvframe`` command line: ``list``, ``show`` and ``eval``.
+"""The ``kvframe`` command line: ``list``, ``show``, ``eval`` and ``report``.
 
 Each subcommand is a plain typed function; ``main`` only parses arguments and maps outcomes to exit
 statuses: 0 success, 1 an evaluation finished with failed cells (their errors are in the results),
@@ -79,6 +79,26 @@ def evaluate(config: str | None = None, overrides: list[str] | None = None) -> t
     return run(cfg)
 
 
+def report(
+    run_dirs: list[str], out: str = "report", keep_both: bool = False, wandb: str | None = None, project: str = "kvframe"
+) -> str:
+    """Merge the ``results.json`` of one or more eval runs into one leaderboard under ``out``
+    (Markdown, CSV, score-vs-budget plots; a W&B run if ``wandb`` is ``offline`` or ``online``);
+    returns the Markdown and where the files went."""
+    import importlib.util
+
+    missing = [m for m in ("matplotlib", *(("wandb",) if wandb else ())) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KVFrameError(
+            f"kvframe report needs the evaluation extra (missing: {', '.join(missing)}); install it with "
+            "pip install 'kvframe[eval]'"
+        )
+    from kvframe.eval.report import report as make_report
+
+    rep = make_report(run_dirs, out=out, keep_both=keep_both, wandb=wandb, project=project)
+    return rep.markdown + "\nwritten: " + ", ".join(str(f) for f in rep.files)
+
+
 def _resume_hint(argv: list[str], run_dir: Path) -> str:
     args = [a for a in argv if not a.startswith("run_name=")]
     return " ".join(["kvframe", "eval", *args, f"run_name={run_dir.name}"])
@@ -94,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("overrides", nargs="*", help="key=value overrides, e.g. budget=0.25 scorer.window=32")
     pe = sub.add_parser("eval", help="run an evaluation (default: SmolLM2, passkey, a few methods and budgets)")
     pe.add_argument("args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+    pr = sub.add_parser("report", help="merge the results of eval runs into one leaderboard (Markdown, CSV, plots)")
+    pr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by kvframe eval (or their results.json)")
+    pr.add_argument("--out", default="report", help="output directory (default: ./report)")
+    pr.add_argument("--keep-both", action="store_true",
+                    help="where two runs hold the same cell under different configurations, show both as method@run "
+                         "instead of refusing")
+    pr.add_argument("--wandb", choices=("offline", "online"), default=None, help="also log the leaderboard to a W&B run")
+    pr.add_argument("--wandb-project", default="kvframe", help="W&B project of that run (default: kvframe)")
     return p
 
 
@@ -105,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             print(list_registry(args.json))
         elif args.command == "show":
             print(show(args.name, args.overrides), end="")
+        elif args.command == "report":
+            print(report(args.run_dirs, out=args.out, keep_both=args.keep_both, wandb=args.wandb, project=args.wandb_project))
         elif args.command == "eval":
             config = None
             rest = list(args.args)
@@ -121,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kvframe eval: {len(failed)} of {len(records)} cells failed (errors in {run_dir / 'results.json'}):",
                       file=sys.stderr)
                 for r in failed:
-                    print(f"  {r['method']} / {r['budget'] if r['budget'] is not None else 'full'} / {r['task']}: {r['error']}",
-                          file=sys.stderr)
+                    budget = r["budget"] if r["budget"] is not None else "full"
+                    print(f"  {r['method']} / {budget} / {r['task']} / {r['mode']}: {r['error']}", file=sys.stderr)
                 return 1
     except KVFrameError as exc:
         print(f"kvframe {args.command}: error: {exc}", file=sys.stderr)

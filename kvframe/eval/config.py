@@ -32,7 +32,11 @@ from kvframe.config import META_KEYS, build, load_yaml
 from kvframe.errors import ConfigError, close_matches
 from kvframe.policies.budgets import check_budget
 
+#: decoding modes a config may ask for (``mode``: one of them, or a list: a grid dimension)
 MODES = ("query_agnostic", "query_aware")
+#: the mode recorded for tasks that do not decode (streaming perplexity): they run once per method
+#: and budget whatever ``mode`` lists
+STREAM_MODE = "stream"
 WANDB_MODES = ("offline", "online", "disabled")
 #: Lightning accelerators the runner can place the model on (``cuda`` and ``gpu`` are the same)
 DEVICES = ("cpu", "cuda", "gpu", "mps", "auto")
@@ -66,7 +70,8 @@ class EvalConfig:
     methods: list[Any] = field(default_factory=lambda: ["full", "streaming_llm", "snapkv"])
     budgets: list[Any] = field(default_factory=lambda: [0.5, 0.25])
     max_new_tokens: int = 12
-    mode: str = "query_agnostic"
+    # query_agnostic, query_aware, or a list of them: every generation cell runs once per mode
+    mode: Any = "query_agnostic"
     output_dir: str = "runs"
     run_name: str | None = None
     threads: int | None = None
@@ -74,7 +79,8 @@ class EvalConfig:
     # each method's own setting (auto: compiled on CUDA, eager on CPU)
     compile: Any = None
     plots: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # Lightning's per-cell bars
+    grid_progress: bool = True  # one line for the whole grid on stderr (cells, samples, elapsed, ETA)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -142,6 +148,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def plain(x: Any) -> Any:
     """A plain Python value (containers resolved) from an omegaconf node."""
     return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
+
+
+def modes(cfg: DictConfig) -> list[str]:
+    """The decoding modes of the grid: ``mode`` as a list (one value or several, each once)."""
+    value = plain(cfg.mode)
+    accepted = f"{', '.join(MODES)}, or a list of them (e.g. mode=[{', '.join(MODES)}])"
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"mode={value!r}; accepted: {accepted}")
+    for i, m in enumerate(value):
+        if m not in MODES:
+            hint = ""
+            if isinstance(m, str):
+                close = close_matches(m, MODES)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                if m == STREAM_MODE:
+                    hint = " (the mode recorded for perplexity tasks, which run once whatever mode lists; it cannot be asked for)"
+            what = f"mode={m!r}" if len(value) == 1 else f"mode entry {m!r}"
+            raise ConfigError(f"{what}{hint}; accepted: {accepted}")
+        if m in value[:i]:
+            raise ConfigError(f"mode lists {m!r} twice ({value}); list each mode once")
+    return value
+
+
+def task_modes(task: Any, grid_modes: list[str]) -> list[str]:
+    """The modes a task runs under: the grid's for a generation task, :data:`STREAM_MODE` alone for
+    a task that does not decode (streaming perplexity)."""
+    return [STREAM_MODE] if getattr(task, "kind", "generation") == "perplexity" else list(grid_modes)
 
 
 def method_entries(cfg: DictConfig) -> list[tuple[Any, list[Any]]]:
@@ -363,8 +398,7 @@ def validate(cfg: DictConfig) -> tuple[list[TaskPlan], list[CellPlan]]:
     """Fail before any model is loaded; returns the labelled tasks and method x budget cells."""
     from kvframe.eval.models import resolve_dtype
 
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode={cfg.mode!r}; accepted: {', '.join(MODES)}")
+    modes(cfg)
     if cfg.wandb.mode not in WANDB_MODES:
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; accepted: {', '.join(WANDB_MODES)}")
     if not cfg.tasks:

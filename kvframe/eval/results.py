@@ -28,22 +28,40 @@ from typing import Any
 import torch
 
 from kvframe.errors import ConfigError
-from kvframe.eval.config import flatten
+from kvframe.eval.config import MODES, STREAM_MODE, flatten
 
 #: every record in results.json has these keys (see docs/evaluation.md for their meaning)
 RESULT_FIELDS = (
-    "method", "budget", "task", "status", "error", "metric", "value", "samples", "prompt_tokens", "prefill_s",
+    "method", "budget", "task", "mode", "status", "error", "metric", "value", "samples", "prompt_tokens", "prefill_s",
     "compression_s", "decode_s", "peak_memory_bytes", "cache_bytes", "cache_kv_bytes", "cache_content_slots",
     "compressor", "task_config", "content_hash", "fingerprint", "model", "extra", "config", "versions", "git_commit",
     "seed", "machine",
 )
 STATUSES = ("ok", "failed")
+#: the ``mode`` of a record: a decoding mode, or ``stream`` for tasks that do not decode
+RECORD_MODES = (*MODES, STREAM_MODE)
 
-CellKey = tuple[str, str, str]  # (method label, str(budget), task label)
+CellKey = tuple[str, str, str, str]  # (method label, str(budget), task label, mode)
 
 
-def cell_key(method: str, budget: Any, task: str) -> CellKey:
-    return (method, str(budget), task)
+def cell_key(method: str, budget: Any, task: str, mode: str) -> CellKey:
+    return (method, str(budget), task, mode)
+
+
+def describe_cell(key: CellKey) -> str:
+    """``method / budget 0.5 / task / mode`` (``full`` for a method that never compresses)."""
+    method, budget, task, mode = key
+    return f"{method} / {'full' if budget == 'None' else f'budget {budget}'} / {task} / {mode}"
+
+
+def identity_mode(identity: Mapping[str, Any] | None) -> str | None:
+    """The mode a cell identity was computed under (``stream`` for streaming perplexity), if known."""
+    decoding = identity.get("decoding") if isinstance(identity, Mapping) else None
+    if not isinstance(decoding, Mapping):
+        return None
+    if "mode" in decoding:
+        return str(decoding["mode"])
+    return STREAM_MODE if decoding.get("protocol") == "streaming perplexity" else None
 
 
 def cell_identity(
@@ -175,23 +193,38 @@ def resume_state(
     ``cells.json`` (old and new). A record of a planned cell with another fingerprint means the cell
     was run before under a different configuration: :class:`~kvframe.errors.ConfigError`, saying
     what differs. Records of cells not planned now are left alone (not reported).
+
+    A record without ``mode`` was written before ``mode`` became a grid dimension, by a run of one
+    mode: it belongs to the planned cell of its method, budget and task whose fingerprint it
+    carries (the fingerprint covers the mode), else to the mode its fingerprint's identity in
+    ``cells.json`` names; when neither says, it conflicts with every planned mode of its cell.
     """
     state = ResumeState()
     conflicts: dict[CellKey, str | None] = {}
+    modes_of: dict[tuple[str, str, str], list[CellKey]] = {}
+    for key in planned:
+        modes_of.setdefault(key[:3], []).append(key)
     for rec in records:
-        key = cell_key(rec.get("method"), rec.get("budget"), rec.get("task"))
-        if key not in planned:
-            continue
+        base = (rec.get("method"), str(rec.get("budget")), rec.get("task"))
         fp = rec.get("fingerprint")
-        if fp != planned[key]:
-            conflicts.setdefault(key, fp)
-            continue
-        state.done.setdefault(key, {}).setdefault(rec["sample_id"], rec)
+        mode = rec.get("mode")
+        if mode is None and fp:
+            mode = next((k[3] for k in modes_of.get(base, []) if planned[k] == fp), None) or identity_mode(identities.get(fp))
+        for key in [(*base, mode)] if mode is not None else modes_of.get(base, []):
+            if key not in planned:
+                continue
+            if fp != planned[key]:
+                conflicts.setdefault(key, fp)
+                continue
+            state.done.setdefault(key, {}).setdefault(rec["sample_id"], rec)
     if conflicts:
         lines = []
-        for (method, budget, task), old in list(conflicts.items())[:3]:
-            what = describe_difference(identities.get(old) if old else None, identities[planned[(method, budget, task)]])
-            lines.append(f"  {method} / {'full' if budget == 'None' else f'budget {budget}'} / {task}: {what}")
+        for key, old in list(conflicts.items())[:3]:
+            if old and old not in identities:
+                what = f"its samples carry fingerprint {old[:12]}..., a configuration cells.json does not describe"
+            else:
+                what = describe_difference(identities.get(old) if old else None, identities[planned[key]])
+            lines.append(f"  {describe_cell(key)}: {what}")
         more = f"\n  ... and {len(conflicts) - 3} more cells" if len(conflicts) > 3 else ""
         raise ConfigError(
             f"run directory {run_dir} already holds samples computed under another configuration; reusing them "
@@ -255,6 +288,7 @@ def record(
     method: str,
     budget: Any,
     task: str,
+    mode: str,
     metric: str,
     rows: list[dict[str, Any]],
     value: float | None,
@@ -266,7 +300,7 @@ def record(
 ) -> dict[str, Any]:
     """One ``results.json`` record (``status`` ``failed`` with the error when the cell did not finish)."""
     return {
-        "method": method, "budget": budget, "task": task, "status": "failed" if error else "ok", "error": error,
+        "method": method, "budget": budget, "task": task, "mode": mode, "status": "failed" if error else "ok", "error": error,
         "metric": metric, "value": value, "samples": len(rows), "prompt_tokens": _mean(rows, "prompt_tokens"),
         "prefill_s": _mean(rows, "prefill_s"), "compression_s": _mean(rows, "compression_s"),
         "decode_s": _mean(rows, "decode_s"), "peak_memory_bytes": _mean(rows, "peak_memory_bytes"),
@@ -281,7 +315,8 @@ def add_bucket_ratios(records: list[dict[str, Any]]) -> None:
     """Per-position-bucket perplexity relative to the uncompressed cell of the same task."""
     for r in records:
         b = r["extra"].get("bucket_perplexity")
-        ref = next((x for x in records if x["task"] == r["task"] and x["budget"] is None and x["extra"].get("bucket_perplexity")), None)
+        ref = next((x for x in records if x["task"] == r["task"] and x.get("mode") == r.get("mode") and x["budget"] is None
+                    and x["extra"].get("bucket_perplexity")), None)
         if b and ref is not None:
             r["extra"]["bucket_ratio_to_full"] = [
                 x["perplexity"] / y["perplexity"] if y["perplexity"] else float("nan") for x, y in zip(b, ref["extra"]["bucket_perplexity"])
@@ -296,6 +331,8 @@ def validate_results(records: list[Mapping[str, Any]]) -> None:
             raise ValueError(f"record {i}: missing keys {missing}")
         if not isinstance(r["method"], str) or not isinstance(r["task"], str) or not isinstance(r["metric"], str):
             raise ValueError(f"record {i}: method, task and metric must be strings")
+        if r["mode"] not in RECORD_MODES:
+            raise ValueError(f"record {i}: mode={r['mode']!r}; accepted: {', '.join(RECORD_MODES)}")
         if r["status"] not in STATUSES:
             raise ValueError(f"record {i}: status must be one of {STATUSES}")
         if r["budget"] is not None and not isinstance(r["budget"], (int, float)):
@@ -317,17 +354,18 @@ def validate_results(records: list[Mapping[str, Any]]) -> None:
 def format_table(records: list[Mapping[str, Any]]) -> str:
     """A Markdown results table (failed cells show their error)."""
     lines = [
-        "| method | budget | task | metric | value | n | KV MiB | prefill s | compress s | decode s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | task | mode | metric | value | n | KV MiB | prefill s | compress s | decode s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         b = r["budget"] if r["budget"] is not None else "—"
+        cell = f"| {r['method']} | {b} | {r['task']} | {r['mode']} | {r['metric']} |"
         if r.get("status", "ok") != "ok":
             err = (str(r.get("error") or "").splitlines() or [""])[0][:100]
-            lines.append(f"| {r['method']} | {b} | {r['task']} | {r['metric']} | FAILED: {err} | {r['samples']} | | | | | |")
+            lines.append(f"{cell} FAILED: {err} | {r['samples']} | | | | | |")
             continue
         lines.append(
-            f"| {r['method']} | {b} | {r['task']} | {r['metric']} | {r['value']:.3f} | {r['samples']} | "
+            f"{cell} {r['value']:.3f} | {r['samples']} | "
             f"{r['cache_kv_bytes'] / 2**20:.2f} | {r['prefill_s']:.2f} | {r['compression_s']:.3f} | {r['decode_s']:.2f} | "
             f"{r.get('peak_memory_bytes', 0) / 2**20:.0f} |"
         )

@@ -1,12 +1,15 @@
-"""``kvframe eval``: a grid of methods x budgets x tasks, run as Lightning test loops.
+"""``kvframe eval``: a grid of methods x budgets x tasks x modes, run as Lightning test loops.
 
 Configured by YAML (omegaconf) plus ``key=value`` overrides (:mod:`kvframe.eval.config`, validated
 before the model loads). Everything a method needs comes from its composition; the runner never
-looks at a method's name. Per cell (method, budget, task) a ``Trainer.test`` runs
-:class:`kvframe.eval.module.EvalModule` over the samples not yet finished, with one W&B logger
-(offline unless configured) and one CSV logger shared by the whole run. Under DDP (``devices``,
-``num_nodes``, ``strategy``) each rank takes every ``world``-th pending sample; rank 0 writes
-``results.json``, the table and the plots.
+looks at a method's name. ``mode`` lists the decoding modes (``query_agnostic``, ``query_aware``):
+every generation task runs once per mode; a task that does not decode (streaming perplexity) runs
+once per method and budget, recorded with mode ``stream``. Per cell (method, budget, task, mode) a
+``Trainer.test`` runs :class:`kvframe.eval.module.EvalModule` over the samples not yet finished,
+with one W&B logger (offline unless configured) and one CSV logger shared by the whole run. Under
+DDP (``devices``, ``num_nodes``, ``strategy``) each rank takes every ``world``-th pending sample;
+rank 0 writes ``results.json``, the table and the plots, and prints one progress line for the
+whole grid (:mod:`kvframe.eval.progress`).
 
 Trust in the numbers (:mod:`kvframe.eval.results`): every sample record carries its cell's
 fingerprint, and resuming into a run directory whose samples were computed under another
@@ -41,11 +44,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kvframe.errors import ConfigError
-from kvframe.eval.config import CellPlan, TaskPlan, composition, validate
+from kvframe.eval.progress import SAMPLE_LINE_INTERVAL_S, GridProgress, PredictionsTail, cell_bar, lightning_callback
+from kvframe.eval.config import CellPlan, TaskPlan, composition, modes, task_modes, validate
 from kvframe.eval.results import (
     add_bucket_ratios,
     cell_identity,
     cell_key,
+    describe_cell,
     drop_partial_line,
     fingerprint,
     format_table,
@@ -120,9 +125,11 @@ def _loggers(cfg: DictConfig, run_dir: Path, user_wandb_dirs: dict[str, str]) ->
         if cfg.wandb.mode == "offline":
             os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
+        # the mode goes to wandb.init too: the environment alone is ignored where W&B was set up
+        # earlier in the process (another run, kvframe report), which would then try to go online
         loggers.append(
             WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, save_dir=str(wdir), offline=cfg.wandb.mode == "offline",
-                        name=run_dir.name, config=OmegaConf.to_container(cfg, resolve=True))
+                        name=run_dir.name, config=OmegaConf.to_container(cfg, resolve=True), mode=cfg.wandb.mode)
         )
     return loggers
 
@@ -138,18 +145,18 @@ def _close_loggers(loggers: list[Any]) -> None:
 class _Cell:
     plan: CellPlan
     task: TaskPlan
+    mode: str  # a decoding mode, or ``stream`` for a task that does not decode
     samples: list[Any]
     identity: dict[str, Any]
     fingerprint: str
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return cell_key(self.plan.label, self.plan.budget, self.task.label)
+    def key(self) -> tuple[str, str, str, str]:
+        return cell_key(self.plan.label, self.plan.budget, self.task.label, self.mode)
 
     @property
     def name(self) -> str:
-        b = self.plan.budget if self.plan.budget is not None else "full"
-        return f"{self.plan.label} / {b} / {self.task.label}"
+        return describe_cell(self.key)
 
 
 def _plan(cfg: DictConfig, tasks: list[TaskPlan], cells: list[CellPlan], tok: Any, device_type: str) -> list[_Cell]:
@@ -165,14 +172,15 @@ def _plan(cfg: DictConfig, tasks: list[TaskPlan], cells: list[CellPlan], tok: An
         if len(set(ids)) != len(ids):
             raise ConfigError(f"task {tp.label!r} generated duplicate sample ids; change its parameters")
         digest = content_hash(samples)
-        for cp in cells:
-            ident = cell_identity(
-                model=model_id, dtype=cfg.dtype, device=device_type, task_name=tp.task.name, task_config=task_config(tp.task),
-                content_hash=digest, task_kind=tp.task.kind, mode=cfg.mode, max_new_tokens=cfg.max_new_tokens,
-                compressor={**composition(cp.compressor), "budget": cp.compressor.budget if cp.budget is not None else None},
-                seed=cfg.seed,
-            )
-            out.append(_Cell(cp, tp, samples, ident, fingerprint(ident)))
+        for mode in task_modes(tp.task, modes(cfg)):
+            for cp in cells:
+                ident = cell_identity(
+                    model=model_id, dtype=cfg.dtype, device=device_type, task_name=tp.task.name, task_config=task_config(tp.task),
+                    content_hash=digest, task_kind=tp.task.kind, mode=mode, max_new_tokens=cfg.max_new_tokens,
+                    compressor={**composition(cp.compressor), "budget": cp.compressor.budget if cp.budget is not None else None},
+                    seed=cfg.seed,
+                )
+                out.append(_Cell(cp, tp, mode, samples, ident, fingerprint(ident)))
     return out
 
 
@@ -217,26 +225,44 @@ def _run(cfg: DictConfig, tasks: list[TaskPlan], plans: list[CellPlan], user_wan
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     loggers = _loggers(cfg, run_dir, user_wandb_dirs)
-    errors: dict[tuple[str, str, str], str] = {}
+    errors: dict[tuple[str, str, str, str], str] = {}
+    progress = _grid_progress(cfg, cells, state) if rank0 and cfg.grid_progress else None
+    tail = PredictionsTail(pred_path) if progress is not None else None
     try:
-        for cell in cells:
+        if progress is not None:
+            progress.start()
+        for i, cell in enumerate(cells):
             done = state.done_ids(cell.key)
             if len(done) == len(cell.samples):
                 continue
+            extra = []
+            if progress is not None and tail is not None:
+                tail.new_records()  # records appended before this cell are not its samples
+                progress.cell_started(i)
+                extra.append(lightning_callback(progress, tail))
             try:
-                _run_cell(L, cfg, accelerator, model, tok, cell, done, pred_path, loggers)
+                _run_cell(L, cfg, accelerator, model, tok, cell, done, pred_path, loggers, extra)
             except (KeyboardInterrupt, EvalInterrupted):
                 raise
             except Exception as exc:  # one failing cell must not lose the grid: record it, go on
                 errors[cell.key] = f"{type(exc).__name__}: {exc}"
+                if progress is not None:
+                    progress.close()
                 print(f"kvframe eval: cell {cell.name} failed: {errors[cell.key]}", file=sys.stderr, flush=True)
                 with (run_dir / "errors.log").open("a") as f:
                     f.write(f"--- {_dt.datetime.now().isoformat()} {cell.name}\n{traceback.format_exc()}\n")
+            if progress is not None and tail is not None:
+                progress.samples_finished(tail.new_records())
+                progress.cell_finished(failed=cell.key in errors)
     except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
         if rank0:
             _finish(cfg, run_dir, cells, pred_path, errors, loggers, tasks, interrupted=True)
         _close_loggers(loggers)
         raise EvalInterrupted(run_dir) from None
+    if progress is not None:
+        progress.close()
     if not rank0:
         _close_loggers(loggers)
         return run_dir, []
@@ -247,25 +273,48 @@ def _run(cfg: DictConfig, tasks: list[TaskPlan], plans: list[CellPlan], user_wan
     return run_dir, records
 
 
-def _run_cell(L: Any, cfg: DictConfig, accelerator: str, model: Any, tok: Any, cell: _Cell, done: set[str], pred_path: Path, loggers: list[Any]) -> None:
+def _grid_progress(cfg: DictConfig, cells: list[_Cell], state: Any) -> GridProgress:
+    """The grid's progress line on stderr: redrawn in place on a terminal that Lightning's bars
+    (stdout) do not share; otherwise plain lines (after each cell, and after a sample every
+    :data:`~kvframe.eval.progress.SAMPLE_LINE_INTERVAL_S` seconds unless Lightning draws bars on
+    the terminal)."""
+    tty = sys.stderr.isatty()
+    bars = bool(cfg.progress_bar)
+    return GridProgress(
+        [(len(c.samples), len(state.done_ids(c.key))) for c in cells],
+        stream=sys.stderr,
+        live=tty and not bars,
+        sample_interval=None if tty and bars else SAMPLE_LINE_INTERVAL_S,
+    )
+
+
+def _run_cell(
+    L: Any, cfg: DictConfig, accelerator: str, model: Any, tok: Any, cell: _Cell, done: set[str], pred_path: Path,
+    loggers: list[Any], callbacks: list[Any] | None = None,
+) -> None:
     from kvframe.eval.module import EvalModule, TaskDataModule
 
+    callbacks = list(callbacks or [])
+    if cfg.progress_bar:
+        callbacks.append(cell_bar(cell.name))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         logger=loggers,
+        callbacks=callbacks,
         enable_progress_bar=bool(cfg.progress_bar),
         enable_model_summary=False,
         enable_checkpointing=False,
         use_distributed_sampler=False,
         inference_mode=False,  # no_grad instead: AsymKV's scoring pass takes key gradients
     )
-    meta = {"method": cell.plan.label, "budget": cell.plan.budget, "task": cell.task.label, "fingerprint": cell.fingerprint}
+    meta = {"method": cell.plan.label, "budget": cell.plan.budget, "task": cell.task.label, "mode": cell.mode,
+            "fingerprint": cell.fingerprint}
     b = cell.plan.budget if cell.plan.budget is not None else "full"
-    module = EvalModule(model, tok, cell.plan.compressor, cell.task.task, meta, pred_path, cfg.max_new_tokens, cfg.mode,
-                        log_prefix=f"{cell.plan.label}/{b}/{cell.task.label}/")
+    module = EvalModule(model, tok, cell.plan.compressor, cell.task.task, meta, pred_path, cfg.max_new_tokens, cell.mode,
+                        log_prefix=f"{cell.plan.label}/{b}/{cell.task.label}/{cell.mode}/")
     try:
         trainer.test(module, datamodule=TaskDataModule(cell.task.task, tok, done, cell.samples), verbose=False)
     except SystemExit:
@@ -300,8 +349,8 @@ def _finish(
         value, extra = summarize(c.task.task, got) if got and err is None else (None, {})
         if err is None and interrupted and len(got) < len(c.samples):
             extra["partial"] = f"{len(got)} of {len(c.samples)} samples (interrupted)"
-        records.append(record(method=c.plan.label, budget=c.plan.budget, task=c.task.label, metric=c.task.task.metric, rows=got,
-                              value=value, extra=extra, identity=c.identity, fp=c.fingerprint, meta=meta, error=err))
+        records.append(record(method=c.plan.label, budget=c.plan.budget, task=c.task.label, mode=c.mode, metric=c.task.task.metric,
+                              rows=got, value=value, extra=extra, identity=c.identity, fp=c.fingerprint, meta=meta, error=err))
     add_bucket_ratios([r for r in records if r["status"] == "ok"])
     (run_dir / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     table = format_table(records)
@@ -313,7 +362,7 @@ def _finish(
         from kvframe.eval.plots import make_plots
 
         plots = make_plots(records, rows, run_dir / "plots", {t.label: t.task for t in tasks})
-    _log_summary(loggers, records, plots)
+    _log_summary(loggers, records, plots, run_dir.name)
     print(table, flush=True)
     print(f"results: {run_dir / 'results.json'}", flush=True)
     return records
@@ -333,13 +382,16 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
-def _log_summary(loggers: list[Any], records: list[dict[str, Any]], plots: list[Path]) -> None:
-    """Results table and plots to W&B (as a table and images); CSV already has the per-cell metrics."""
+def _log_summary(loggers: list[Any], records: list[dict[str, Any]], plots: list[Path], run_name: str) -> None:
+    """The leaderboard table (:func:`kvframe.eval.report.leaderboard_table`, the table ``kvframe report``
+    writes and logs) and the plots to W&B; CSV already has the per-cell metrics."""
+    from kvframe.eval.report import leaderboard_table
+
     for lg in loggers:
         if type(lg).__name__ != "WandbLogger":
             continue
         import wandb
 
-        cols = ["method", "budget", "task", "status", "metric", "value", "samples", "cache_kv_bytes", "prefill_s", "compression_s", "decode_s"]
-        data = [[r[c] if c not in ("budget", "value") else (str(r[c]) if c == "budget" else r[c]) for c in cols] for r in records]
-        lg.experiment.log({"results": wandb.Table(columns=cols, data=data), **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+        columns, rows = leaderboard_table([{**r, "run": run_name} for r in records])
+        lg.experiment.log({"leaderboard": wandb.Table(columns=columns, data=rows),
+                           **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})

@@ -150,3 +150,43 @@ def test_unknown_names_suggest_close_matches():
         load_config(None, ["budgets=[0]"])
     with pytest.raises(ConfigError, match="did you mean 'budgets'"):
         load_config(None, ["budget=[0.5]"])
+
+
+def test_mode_is_one_value_or_a_list():
+    from kvframe.eval.config import modes, task_modes
+    from kvframe.eval.tasks import make_task
+
+    assert modes(load_config(None, [])) == ["query_agnostic"]
+    assert modes(load_config(None, ["mode=query_aware"])) == ["query_aware"]
+    cfg = load_config(None, ["mode=[query_aware, query_agnostic]"])
+    assert modes(cfg) == ["query_aware", "query_agnostic"]  # in the order given
+    # streaming perplexity does not decode: it runs once per method x budget, recorded as mode 'stream'
+    assert task_modes(make_task({"name": "passkey"}), modes(cfg)) == ["query_aware", "query_agnostic"]
+    assert task_modes(make_task({"name": "perplexity"}), modes(cfg)) == ["stream"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mode=agnostic", "mode='agnostic'; did you mean 'query_agnostic'?; accepted: query_agnostic, query_aware, or a list of them"),
+        ("mode=[query_aware, query_awre]", "mode entry 'query_awre'; did you mean 'query_aware'?; accepted: query_agnostic, query_aware"),
+        ("mode=[]", "mode=[]; accepted: query_agnostic, query_aware, or a list of them (e.g. mode=[query_agnostic, query_aware])"),
+        ("mode=[query_aware, query_aware]", "mode lists 'query_aware' twice"),
+        ("mode=stream", "mode='stream' (the mode recorded for perplexity tasks"),
+        ("mode=3", "mode=3; accepted: query_agnostic, query_aware"),
+        ("mode={a: 1}", "mode={'a': 1}; accepted"),
+    ],
+)
+def test_bad_modes_name_what_is_accepted(override, message, capsys):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert main(["eval", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_grid_progress_is_a_switch():
+    assert load_config(None, []).grid_progress is True
+    assert load_config(None, ["grid_progress=false"]).grid_progress is False
+    with pytest.raises(ConfigError, match="grid_progress"):
+        load_config(None, ["grid_progress=sometimes"])

@@ -35,7 +35,7 @@ def test_eval_quick_writes_results_and_resumes(tmp_path, capsys):
     assert records[0]["content_hash"] == records[1]["content_hash"]
     # outputs: table, plots, CSV logs, an offline W&B run (no network, no account)
     assert (run / "results.md").read_text().startswith("| method")
-    assert (run / "plots" / "passkey_score_vs_budget.png").stat().st_size > 1000
+    assert (run / "plots" / "passkey_query_agnostic_score_vs_budget.png").stat().st_size > 1000
     assert list((run / "csv").rglob("metrics.csv"))
     assert list((run / "wandb").rglob("*.wandb"))
     preds = (run / "predictions.jsonl").read_text().splitlines()
@@ -91,7 +91,6 @@ def _lines(path: Path) -> list[str]:
     "change, differs",
     [
         (["max_new_tokens=1"], "decoding.max_new_tokens: 4 -> 1"),
-        (["mode=query_aware"], "decoding.mode: 'query_agnostic' -> 'query_aware'"),
         (["dtype=bfloat16"], "dtype: 'float32' -> 'bfloat16'"),
         (["tasks=[{name: passkey, n_samples: 2, length: 256, seed: 7}]"], "task.config.seed: 0 -> 7"),
         (["methods=[full, {base: knorm, compile: false}]"], "compressor.compile: 'auto' -> False"),
@@ -232,3 +231,125 @@ def test_ctrl_c_keeps_finished_samples_and_says_how_to_resume(eval_args, tmp_pat
     monkeypatch.setattr(module, "generate_answer", real)
     assert _run(args) == 0
     assert len(_lines(run / "predictions.jsonl")) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# mode as a grid dimension
+
+
+def _records(run: Path) -> list[dict]:
+    records = json.loads((run / "results.json").read_text())
+    validate_results(records)
+    return records
+
+
+def test_two_modes_give_a_cell_per_mode_and_perplexity_runs_once(eval_args, tmp_path, capsys):
+    tasks = "tasks=[{name: passkey, n_samples: 2, length: 256}, {name: perplexity, n_samples: 1, length: 48, prefill: 32, buckets: 2}]"
+    assert _run(eval_args(tasks, "mode=[query_agnostic, query_aware]")) == 0
+    run = tmp_path / "runs" / "r"
+    records = _records(run)
+    assert [(r["method"], r["task"], r["mode"]) for r in records] == [
+        ("full", "passkey", "query_agnostic"), ("knorm", "passkey", "query_agnostic"),
+        ("full", "passkey", "query_aware"), ("knorm", "passkey", "query_aware"),
+        ("full", "perplexity", "stream"), ("knorm", "perplexity", "stream"),
+    ]
+    assert all(r["status"] == "ok" and r["samples"] == (1 if r["task"] == "perplexity" else 2) for r in records)
+    fps = [r["fingerprint"] for r in records]
+    assert len(set(fps)) == 6  # each mode is its own configuration
+    preds = [json.loads(x) for x in _lines(run / "predictions.jsonl")]
+    assert len(preds) == 2 * 2 * 2 + 2  # passkey: 2 methods x 2 modes x 2 samples; perplexity: 2 methods x 1 stream
+    by_mode = {m: [p for p in preds if p["mode"] == m] for m in ("query_agnostic", "query_aware", "stream")}
+    assert [len(v) for v in by_mode.values()] == [4, 4, 2]
+    # the mode reached the model: query_aware prefills the question too, query_agnostic only the context
+    for a, w in zip(by_mode["query_agnostic"], by_mode["query_aware"]):
+        assert (a["method"], a["sample_id"]) == (w["method"], w["sample_id"])
+        assert w["prefill_tokens"] == w["prompt_tokens"] - 1 > a["prefill_tokens"]
+    assert all(p["fingerprint"] == next(r["fingerprint"] for r in records if r["method"] == p["method"] and r["task"] == p["task"]
+                                         and r["mode"] == p["mode"]) for p in preds)
+    table = (run / "results.md").read_text()
+    assert "| knorm | 0.5 | passkey | query_aware | accuracy |" in table and "| full | — | perplexity | stream | perplexity |" in table
+
+
+def test_a_changed_mode_list_runs_only_the_new_cells(eval_args, tmp_path):
+    run = tmp_path / "runs" / "r"
+    args = eval_args("methods=[knorm]")
+    assert _run(args) == 0  # query_agnostic, the default
+    first = _lines(run / "predictions.jsonl")
+    assert [json.loads(x)["mode"] for x in first] == ["query_agnostic"] * 2
+    assert _run([*args, "mode=[query_agnostic, query_aware]"]) == 0
+    lines = _lines(run / "predictions.jsonl")
+    assert lines[:2] == first and [json.loads(x)["mode"] for x in lines[2:]] == ["query_aware"] * 2
+    assert [(r["method"], r["mode"]) for r in _records(run)] == [("knorm", "query_agnostic"), ("knorm", "query_aware")]
+    # each mode resumes on its own: drop one query_aware sample (as an interruption would), run again
+    (run / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    assert _run([*args, "mode=[query_aware, query_agnostic]"]) == 0
+    again = _lines(run / "predictions.jsonl")
+    assert again[:-1] == lines[:-1] and json.loads(again[-1])["sample_id"] == json.loads(lines[-1])["sample_id"]
+    # one mode alone reports its own cells, nothing runs
+    assert _run([*args, "mode=query_aware"]) == 0
+    assert _lines(run / "predictions.jsonl") == again
+    assert [r["mode"] for r in _records(run)] == ["query_aware"]
+
+
+def test_a_run_directory_written_before_modes_were_a_dimension_resumes(eval_args, tmp_path, capsys):
+    """Records without ``mode`` belong to the mode their fingerprint was computed under."""
+    run = tmp_path / "runs" / "r"
+    args = eval_args("methods=[knorm]")
+    assert _run([*args, "mode=query_aware"]) == 0
+    old = [json.loads(x) for x in _lines(run / "predictions.jsonl")]
+    for r in old:
+        r.pop("mode")
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert _run([*args, "mode=[query_agnostic, query_aware]"]) == 0
+    lines = [json.loads(x) for x in _lines(run / "predictions.jsonl")]
+    assert lines[:2] == old and [x["mode"] for x in lines[2:]] == ["query_agnostic"] * 2  # only the new mode ran
+    assert [(r["method"], r["mode"], r["samples"]) for r in _records(run)] == [("knorm", "query_agnostic", 2), ("knorm", "query_aware", 2)]
+    # without cells.json and with a changed setting, the mode of the old samples is unknown: refused, nothing mixed
+    (run / "cells.json").unlink()
+    capsys.readouterr()
+    assert _run([*args, "mode=[query_agnostic, query_aware]", "max_new_tokens=2"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds samples computed under another configuration" in err
+    assert "knorm / budget 0.5 / passkey / query_aware: its samples carry fingerprint " in err
+    assert "a configuration cells.json does not describe" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid's progress line
+
+
+def _progress_lines(err: str) -> list[str]:
+    return [x for x in err.splitlines() if x.startswith("kvframe eval: cells ")]
+
+
+def _shape(line: str) -> str:
+    """A progress line with its time values replaced by T (they depend on the machine); a zero ETA
+    (nothing left) and an unknown one (-) stay."""
+    import re
+
+    return re.sub(r"ETA (?!0:00:00)\d+:\d\d:\d\d", "ETA T", re.sub(r"elapsed \d+:\d\d:\d\d", "elapsed T", line))
+
+
+def test_progress_line_counts_cells_and_samples(eval_args, tmp_path, capsys, monkeypatch):
+    import kvframe.eval.runner as runner
+
+    monkeypatch.setattr(runner, "SAMPLE_LINE_INTERVAL_S", None)  # one line per cell, whatever the machine's speed
+    args = eval_args("budgets=[4096, 0.5]")  # knorm at 4096 tokens fails (the prompts have 256)
+    assert _run(args) == 1
+    lines = _progress_lines(capsys.readouterr().err)
+    assert [_shape(x) for x in lines] == [
+        "kvframe eval: cells 0/3 | samples 0/6 | elapsed T | ETA -",
+        "kvframe eval: cells 1/3 | samples 2/6 | elapsed T | ETA T",
+        "kvframe eval: cells 2/3 (1 failed) | samples 2/6 | elapsed T | ETA T",
+        "kvframe eval: cells 3/3 (1 failed) | samples 4/6 | elapsed T | ETA 0:00:00",
+    ]
+    # resumed: finished samples count as done but not toward the speed; only the failed cell runs again
+    assert _run(args) == 1
+    lines = _progress_lines(capsys.readouterr().err)
+    assert [_shape(x) for x in lines] == [
+        "kvframe eval: cells 2/3 | samples 4/6 (4 resumed) | elapsed T | ETA -",
+        "kvframe eval: cells 3/3 (1 failed) | samples 4/6 (4 resumed) | elapsed T | ETA 0:00:00",
+    ]
+    # its own switch, independent of Lightning's bars
+    assert _run(args + ["grid_progress=false"]) == 1
+    assert _progress_lines(capsys.readouterr().err) == []
