@@ -112,7 +112,12 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip lm-eval's own hf model (the reference run)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 sample per task, 512 tokens")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for lm_eval_local.{json,md}")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json, run nothing")
     args = ap.parse_args()
+    if args.render_only:
+        data = json.loads((args.out / "lm_eval_local.json").read_text())
+        (args.out / "lm_eval_local.md").write_text(render(data) + "\n")
+        return
     if args.quick:
         args.samples, args.length = 1, 512
 
@@ -201,7 +206,8 @@ def render(d: dict[str, Any]) -> str:
         f"({s['niah_generation_kwargs']['max_gen_toks']} for RULER, whose answer prefix SmolLM2 repeats). kvframe runs: mode "
         f"`{s['mode']}`" + (" (question_delimiter `\\n\\n`: the context is compressed, the question appended)" if s["mode"] == "query_agnostic" else "")
         + f", budget {s['budget']}. KV bytes: mean over all requests of what the cache holds right after the compressed "
-        "part (for `full`, the same tokens uncompressed); `hf` is lm-eval's own Hugging Face model.",
+        "part (for `full`, the same tokens uncompressed); `hf` is lm-eval's own Hugging Face model. Runs are in table "
+        "order, in one process (the first also turned the three JSONL files into datasets).",
         "",
         "| model | method | budget | passkey gen (exact match) | passkey choice (acc) | RULER niah_single_2 (exact match) | mean KV bytes | mean content slots | wall s |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -392,9 +392,10 @@ class KVFrameLM(HFLM):
             raise ConfigError("the kvframe model generates one request at a time (call generate_until)")
         text = current["context"]
         ids = context[0].tolist()
-        full = self.tok_batch_encode([text])[0][0].tolist()
-        drop = len(full) - len(ids)  # lm-eval's left truncation to max_length - max_gen_toks
-        k = max(self._compressed_length(text, full, lambda s: self.tok_batch_encode([s])[0][0].tolist()) - drop, 0)
+        full = self.tok_batch_encode([text], truncation=self.truncation)[0][0].tolist()
+        drop = max(len(full) - len(ids), 0)  # lm-eval's left truncation to max_length - max_gen_toks
+        k = self._compressed_length(text, full, lambda s: self.tok_batch_encode([s], truncation=self.truncation)[0][0].tolist())
+        k = min(max(k - drop, 0), max(len(ids) - 1, 0))
         meta = {key: current[key] for key in ("request_type", "task", "doc_id", "idx")}
         compress = self.compressor.compresses and k > 0
         with attach(self.model, self.compressor if compress else self._plain) as handle:
