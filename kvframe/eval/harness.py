@@ -96,7 +96,8 @@ def _check_extra_args(kwargs: dict[str, Any], builtin: bool) -> None:
             continue
         hint = close_matches(str(key), _OWN_ARGS)
         if hint or builtin:
-            accepted = ", ".join([*_OWN_ARGS, *(f"{k}.*" for k in COMPRESSOR_KEYS), *(a for a in hf_args if a != "pretrained")])
+            others = [a for a in hf_args if a != "pretrained"]
+            accepted = ", ".join([*_OWN_ARGS, *(f"{k}.*" for k in COMPRESSOR_KEYS), *others])
             raise ConfigError(
                 f"unknown model argument {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                 + f" Accepted: {accepted}" + ("" if builtin else " (others go to from_pretrained)")
@@ -290,14 +291,14 @@ class KVFrameLM(HFLM):
     # -- model calls --------------------------------------------------------------------------
     def _forward(self, ids: list[int], cache: SlotCache, keep: int) -> torch.Tensor:
         inp = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with (
-            torch.no_grad(),
-            torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None),
-        ):
+        amp = self.mixed_precision_dtype
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=amp, enabled=amp is not None):
             out = self.model(inp, use_cache=True, logits_to_keep=keep, **{self._cache_arg: cache})
         return out.logits
 
-    def _score(self, context: str | None, ctx: list[int], cont: list[int], meta: dict[str, Any], rolling: bool) -> tuple[float, bool]:
+    def _score(
+        self, context: str | None, ctx: list[int], cont: list[int], meta: dict[str, Any], rolling: bool
+    ) -> tuple[float, bool]:
         """One loglikelihood request: ``(sum of continuation log-probs, greedy)``."""
         whole = (ctx + cont)[-(self.max_length + 1):]
         drop = len(ctx) + len(cont) - len(whole)  # tokens cut from the left, as lm-eval's hf does
@@ -337,7 +338,9 @@ class KVFrameLM(HFLM):
         finally:
             self._meta = None
 
-    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Any], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
         metas = self._meta if self._meta is not None and len(self._meta) == len(requests) else None
         outer = self._current  # set by loglikelihood_rolling for its windows
         rolling = outer is not None and outer["request_type"] == "loglikelihood_rolling"
@@ -347,7 +350,10 @@ class KVFrameLM(HFLM):
                 tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="kvframe loglikelihood requests")
             ):
                 assert len(ctx) > 0 and 0 < len(cont) <= self.max_length
-                meta = metas[i] if metas is not None else dict(outer or {"request_type": "loglikelihood", "task": None, "doc_id": None, "idx": None})
+                if metas is not None:
+                    meta = metas[i]
+                else:
+                    meta = dict(outer or {"request_type": "loglikelihood", "task": None, "doc_id": None, "idx": None})
                 self._current = meta
                 context = request_str[0] if request_str is not None else None
                 answer = self._score(context, list(ctx), list(cont), meta, rolling)
@@ -385,16 +391,22 @@ class KVFrameLM(HFLM):
                 self._current = None
         return out
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
+    ) -> torch.Tensor:
         """lm-eval's generation call on ``context`` ``[1, T]``, with the compressed part prefilled first."""
         current = self._current
         if current is None or context.shape[0] != 1:
             raise ConfigError("the kvframe model generates one request at a time (call generate_until)")
         text = current["context"]
         ids = context[0].tolist()
-        full = self.tok_batch_encode([text], truncation=self.truncation)[0][0].tolist()
+
+        def encode(string: str) -> list[int]:  # as lm-eval's generate_until encodes a context
+            return self.tok_batch_encode([string], truncation=self.truncation)[0][0].tolist()
+
+        full = encode(text)
         drop = max(len(full) - len(ids), 0)  # lm-eval's left truncation to max_length - max_gen_toks
-        k = self._compressed_length(text, full, lambda s: self.tok_batch_encode([s], truncation=self.truncation)[0][0].tolist())
+        k = self._compressed_length(text, full, encode)
         k = min(max(k - drop, 0), max(len(ids) - 1, 0))
         meta = {key: current[key] for key in ("request_type", "task", "doc_id", "idx")}
         compress = self.compressor.compresses and k > 0
@@ -457,7 +469,8 @@ def _summary_table(lm: KVFrameLM) -> str:
     ]
     rows = list(s["by_request_type"].items())
     if len(rows) > 1:
-        rows.append(("all", {k: s[k] for k in ("requests", "mean_kv_bytes", "mean_content_slots", "mean_compressed_tokens", "mean_context_tokens")}))
+        keys = ("requests", "mean_kv_bytes", "mean_content_slots", "mean_compressed_tokens", "mean_context_tokens")
+        rows.append(("all", {k: s[k] for k in keys}))
     for kind, m in rows:
         lines.append(
             f"| {kind} | {m['requests']} | {m['mean_kv_bytes']:.0f} | {m['mean_content_slots']:.1f} | "
@@ -523,7 +536,7 @@ def run_cli(argv: Sequence[str]) -> list[dict[str, Any]]:
                     f.write(json.dumps(rec, sort_keys=True) + "\n")
             lm.cache_log = path
         print(_summary_table(lm))
-        where = lm.cache_log if lm.cache_log is not None else "not written (give --output_path or the model argument cache_log=PATH)"
+        where = lm.cache_log or "not written (give --output_path or the model argument cache_log=PATH)"
         print(f"kvframe: per-request cache records: {where}")
         summaries.append(lm.summary())
     return summaries
