@@ -1,4 +1,4 @@
-"""The ``kvframe`` command line: ``list``, ``show``, ``eval`` and ``report``.
+"""The ``kvframe`` command line: ``list``, ``show``, ``eval``, ``report`` and ``lm-eval``.
 
 Each subcommand is a plain typed function; ``main`` only parses arguments and maps outcomes to exit
 statuses: 0 success, 1 an evaluation finished with failed cells (their errors are in the results),
@@ -99,6 +99,31 @@ def report(
     return rep.markdown + "\nwritten: " + ", ".join(str(f) for f in rep.files)
 
 
+LM_EVAL_INSTALL = 'pip install "kvframe[lm-eval]"'
+
+
+def _require_lm_eval_extra() -> None:
+    """``kvframe lm-eval`` needs the ``[lm-eval]`` extra; say so in one line instead of an ImportError."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise KVFrameError(
+            f"kvframe lm-eval needs the lm-evaluation-harness extra (missing: lm_eval); install it with {LM_EVAL_INSTALL}"
+        )
+
+
+def lm_eval(args: list[str]) -> list[dict[str, Any]]:
+    """Run lm-evaluation-harness's own command line on ``args`` with kvframe's model registered as
+    ``kvframe`` (every lm-eval flag works); print and return, per kvframe model of the run, the summary
+    of the cache bytes held after compression (see :mod:`kvframe.eval.harness`)."""
+    _require_lm_eval_extra()
+    try:
+        from kvframe.eval.harness import run_cli
+    except ImportError as exc:  # lm_eval is there but something it needs is not
+        raise KVFrameError(f"kvframe lm-eval could not import lm-evaluation-harness ({exc}); install it with {LM_EVAL_INSTALL}") from exc
+    return run_cli(args)
+
+
 def _resume_hint(argv: list[str], run_dir: Path) -> str:
     args = [a for a in argv if not a.startswith("run_name=")]
     return " ".join(["kvframe", "eval", *args, f"run_name={run_dir.name}"])
@@ -122,11 +147,19 @@ def _parser() -> argparse.ArgumentParser:
                          "instead of refusing")
     pr.add_argument("--wandb", choices=("offline", "online"), default=None, help="also log the leaderboard to a W&B run")
     pr.add_argument("--wandb-project", default="kvframe", help="W&B project of that run (default: kvframe)")
+    pm = sub.add_parser(
+        "lm-eval", add_help=False,
+        help="run lm-evaluation-harness with kvframe's model: kvframe lm-eval --model kvframe --model_args "
+        "pretrained=...,method=snapkv,budget=0.5 --tasks ... (every lm-eval flag; --help shows them)",
+    )
+    pm.add_argument("args", nargs=argparse.REMAINDER, help="lm-eval's arguments")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, flags included
+        return _main_lm_eval(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -169,6 +202,20 @@ def main(argv: list[str] | None = None) -> int:
             f"(results so far: {exc.run_dir / 'results.json'}). Resume with:\n  {_resume_hint(eval_args, exc.run_dir)}",
             file=sys.stderr,
         )
+        return 130
+    return 0
+
+
+def _main_lm_eval(args: list[str]) -> int:
+    try:
+        lm_eval(args)
+    except KVFrameError as exc:
+        print(f"kvframe lm-eval: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # lm-eval's own exits: --help (0), bad flags (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        print("kvframe lm-eval: interrupted", file=sys.stderr)
         return 130
     return 0
 

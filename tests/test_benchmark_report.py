@@ -15,7 +15,8 @@ def test_readme_performance_section_matches_results():
 
 
 def test_every_benchmark_script_has_a_help():
-    for script in ("overhead", "decode_step", "scaling", "compiled", "kvpress_compare", "cache_memory", "seed_methods"):
+    for script in ("overhead", "decode_step", "scaling", "compiled", "kvpress_compare", "cache_memory", "seed_methods",
+                   "lm_eval_local"):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True,
                               text=True, cwd=ROOT / "benchmarks")
         assert proc.returncode == 0 and "usage" in proc.stdout, (script, proc.stderr[-500:])

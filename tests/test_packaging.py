@@ -41,16 +41,16 @@ def test_import_changes_nothing():
     assert out.stdout.strip() == "clean"
 
 
-#: distributions of the [eval] and [triton] extras, absent from a library-only install
+#: distributions of the [eval], [lm-eval] and [triton] extras, absent from a library-only install
 EXTRAS = {"lightning", "pytorch-lightning", "lightning-fabric", "torchmetrics", "lightning-utilities", "wandb",
-          "matplotlib", "datasets", "gguf", "accelerate", "triton", "rapidfuzz", "rouge-score", "rouge"}
+          "matplotlib", "datasets", "gguf", "accelerate", "triton", "rapidfuzz", "rouge-score", "rouge", "lm-eval"}
 
 LIBRARY = """
 import sys, torch, kvframe
 from kvframe import registry
 from kvframe.testing import tiny_model
 for name in ("lightning", "wandb", "matplotlib", "datasets", "gguf", "accelerate", "triton", "rapidfuzz", "rouge_score",
-             "rouge"):
+             "rouge", "lm_eval"):
     try:
         __import__(name)
     except ImportError:
@@ -69,6 +69,7 @@ assert res.kept_per_head.tolist() == [[4, 4]]
 from kvframe.cli import main
 assert main(["list"]) == 0 and main(["show", "balancekv"]) == 0
 assert main(["eval"]) == 2
+assert main(["lm-eval", "--model", "kvframe", "--tasks", "x"]) == 2
 print("library ok")
 """
 
@@ -100,6 +101,7 @@ def test_library_works_without_the_eval_extra(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.strip().endswith("library ok")
     assert "pip install 'kvframe[eval]'" in out.stderr  # kvframe eval says what to install
+    assert 'pip install "kvframe[lm-eval]"' in out.stderr  # and kvframe lm-eval
 
 
 def test_library_imports_no_eval_module():
