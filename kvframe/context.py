@@ -87,6 +87,10 @@ def _check_mask(mask: Any, shape: torch.Size, what: str) -> Tensor:
     return m
 
 
+def _bookkeeping(layer: Any) -> tuple[Any, ...]:
+    return (layer.state, layer.seen, layer.decode_steps, layer.compressions, layer.pending)
+
+
 class CompressedContext:
     """A context prefilled and compressed once (see :func:`compress_context`).
 
@@ -134,7 +138,7 @@ class CompressedContext:
                     yield f"layer {i} {name}", t
 
     def _take_snapshot(self) -> tuple[list[tuple[Any, ...]], list[tuple[str, Tensor, int | None]]]:
-        layers = [(layer.state, layer.seen, layer.decode_steps, layer.compressions, layer.pending) for layer in self.cache.layers]
+        layers = [_bookkeeping(layer) for layer in self.cache.layers]
         # version counters move with every in-place write into a tensor or any view of its storage;
         # tensors made under torch.inference_mode have none (the contract still holds; tests check it)
         versions = [(name, t, None if t.is_inference() else t._version) for name, t in self._tensors()]
@@ -149,11 +153,12 @@ class CompressedContext:
         Every :meth:`fork` and :meth:`generate` call runs it, before and after answering.
         """
         layers, versions = self._snapshot
-        for i, (layer, (state, seen, steps, comps, pending)) in enumerate(zip(self.cache.layers, layers)):
-            if layer.state is not state or (layer.seen, layer.decode_steps, layer.compressions, layer.pending) != (seen, steps, comps, pending):
+        for i, (layer, then) in enumerate(zip(self.cache.layers, layers)):
+            now = _bookkeeping(layer)
+            if now[0] is not then[0] or now[1:] != then[1:]:
                 raise KVFrameError(
                     f"the compressed context's cache changed (layer {i} now holds {layer.seen} tokens seen, "
-                    f"was {seen}): its own cache was run through the model; answer on ctx.fork() or ctx.generate()"
+                    f"was {then[1]}): its own cache was run through the model; answer on ctx.fork() or ctx.generate()"
                 )
         for name, t, version in versions:
             if version is not None and t._version != version:
@@ -232,15 +237,21 @@ class CompressedContext:
                     raise ConfigError("attention_mask is accepted only with a 2-D tensor of questions [N, L]")
                 out = [q]
             elif q.dim() == 2:
-                mask = torch.ones_like(q) if attention_mask is None else _check_mask(attention_mask, q.shape, "attention_mask")
+                mask = torch.ones_like(q) if attention_mask is None else _check_mask(attention_mask, q.shape,
+                                                                                     "attention_mask")
                 out = [row[m.bool()] for row, m in zip(q, mask.to(q.device))]
             else:
-                raise ConfigError(f"questions has shape {tuple(q.shape)}; accepted: a list of 1-D tensors, or a 2-D tensor [N, L] with its mask")
+                raise ConfigError(
+                    f"questions has shape {tuple(q.shape)}; accepted: a list of 1-D tensors, or a 2-D tensor [N, L] "
+                    "with its mask"
+                )
         else:
             if attention_mask is not None:
                 raise ConfigError("attention_mask is accepted only with a 2-D tensor of questions [N, L]")
             if not isinstance(questions, Sequence) or isinstance(questions, (str, bytes)):
-                raise ConfigError(f"questions must be a list of 1-D token id tensors or a 2-D tensor; got {type(questions).__name__}")
+                raise ConfigError(
+                    f"questions must be a list of 1-D token id tensors or a 2-D tensor; got {type(questions).__name__}"
+                )
             out = []
             for i, x in enumerate(questions):
                 t = _as_ids(x, f"questions[{i}]")
@@ -313,7 +324,9 @@ class CompressedContext:
                 return True
         return False
 
-    def _answer_batch(self, qs: list[Tensor], rows: list[int], pad: int, eos_ids: set[int], kwargs: dict[str, Any]) -> tuple[list[Tensor], bool]:
+    def _answer_batch(
+        self, qs: list[Tensor], rows: list[int], pad: int, eos_ids: set[int], kwargs: dict[str, Any]
+    ) -> tuple[list[Tensor], bool]:
         """One ``generate`` call over the questions ``qs`` (left-padded), each on context row ``rows[i]``.
         Returns the answers and whether a policy drew random numbers while answering."""
         model, dev = self.model, self.input_ids.device
@@ -396,10 +409,10 @@ class CompressedContext:
                 f"num_return_sequences={generate_kwargs['num_return_sequences']!r}; CompressedContext.generate returns one "
                 "answer per question (accepted: 1); ask a question several times instead"
             )
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-            raise ConfigError(f"max_new_tokens={max_new_tokens!r}; accepted: an integer >= 1 (or None for the model's generation config)")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ConfigError(f"batch_size={batch_size!r}; accepted: an integer >= 1 (or None for one batch)")
+        for name, value, none in (("max_new_tokens", max_new_tokens, "the model's generation config"),
+                                  ("batch_size", batch_size, "one batch")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r}; accepted: an integer >= 1 (or None for {none})")
         qs = self._questions(questions, attention_mask)
         row_of = self._rows(rows, len(qs))
         self.check_intact()
@@ -433,7 +446,9 @@ class CompressedContext:
         )
 
 
-def compress_context(model: Any, compressor: Compressor, input_ids: Tensor, attention_mask: Tensor | None = None) -> CompressedContext:
+def compress_context(
+    model: Any, compressor: Compressor, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> CompressedContext:
     """Prefill ``input_ids`` once under ``compressor`` and return the reusable compressed context.
 
     Parameters
@@ -457,12 +472,16 @@ def compress_context(model: Any, compressor: Compressor, input_ids: Tensor, atte
         :meth:`CompressedContext.fork`.
     """
     if not isinstance(compressor, Compressor):
-        raise ConfigError(f"compress_context needs a kvframe Compressor (see kvframe.build); got {type(compressor).__name__}")
+        raise ConfigError(
+            f"compress_context needs a kvframe Compressor (see kvframe.build); got {type(compressor).__name__}"
+        )
     ids = _as_ids(input_ids, "input_ids")
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
-        raise ConfigError(f"input_ids has shape {tuple(input_ids.shape)}; accepted: [T] or [B, T] with at least one token per row")
+        raise ConfigError(
+            f"input_ids has shape {tuple(input_ids.shape)}; accepted: [T] or [B, T] with at least one token per row"
+        )
     if attention_mask is None:
         mask = torch.ones_like(ids)
     else:

@@ -37,7 +37,8 @@ def test_fork_shares_tensors_and_copies_bookkeeping():
     assert [a.data_ptr() for a in _tensors(fork)] == [a.data_ptr() for a in _tensors(cache)]
     for a, b in zip(fork.layers, cache.layers):
         assert a is not b and a.state is not b.state and a.state.stats is not b.state.stats
-        assert set(a.state.stats) == {"attn", "age"} and (a.seen, a.decode_steps, a.compressions) == (b.seen, b.decode_steps, b.compressions)
+        assert set(a.state.stats) == {"attn", "age"}
+        assert (a.seen, a.decode_steps, a.compressions) == (b.seen, b.decode_steps, b.compressions)
     assert fork.get_seq_length() == cache.get_seq_length() == 40
     assert fork.memory() == cache.memory()
 

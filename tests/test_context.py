@@ -78,14 +78,16 @@ def _snapshot(cache):
         st = layer.state
         tensors = [st.keys, st.values, st.positions, st.log_weights, st.valid, *st.stats.values()]
         extra = [t for t in (layer.shift, layer.valid_seen, layer.prompt_valid, layer.next_position) if t is not None]
-        out.append(([t.clone() for t in tensors + extra], sorted(st.stats), layer.seen, layer.decode_steps, layer.compressions))
+        counters = (layer.seen, layer.decode_steps, layer.compressions)
+        out.append(([t.clone() for t in tensors + extra], sorted(st.stats), *counters))
     return out
 
 
 def _same(a, b):
-    return len(a) == len(b) and all(
-        len(x[0]) == len(y[0]) and all(torch.equal(s, t) for s, t in zip(x[0], y[0])) and x[1:] == y[1:] for x, y in zip(a, b)
-    )
+    def layer_same(x, y):
+        return len(x[0]) == len(y[0]) and all(torch.equal(s, t) for s, t in zip(x[0], y[0])) and x[1:] == y[1:]
+
+    return len(a) == len(b) and all(layer_same(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("name", CARDS)
@@ -134,7 +136,8 @@ def test_batches_keep_padding_away_from_compressions_that_could_see_it(model, da
     ctx = kvframe.compress_context(model, _comp("tova_decode"), ctx_ids)
     assert ctx._batches(lengths, None, N_NEW) == [[0, 2], [1], [3]]
     # decode: every 1000 steps, no prefill compression: nothing fires within 8 new tokens, mixed is fine
-    quiet = kvframe.compress_context(model, _comp("tova_decode", **{"trigger.every": 1000, "trigger.prefill": False}), ctx_ids)
+    rare = _comp("tova_decode", **{"trigger.every": 1000, "trigger.prefill": False})
+    quiet = kvframe.compress_context(model, rare, ctx_ids)
     assert quiet._batches(lengths, None, N_NEW) == [[0, 1, 2, 3]]
     assert quiet._batches(lengths, None, 1000) == [[0, 2], [1], [3]]
     # chunked with a scoring pass: mixed only when every question is longer than one token and fits one chunk

@@ -148,7 +148,12 @@ def context_key(tok: Any, sample: Sample) -> str:
 
 
 def answer_group(
-    model: Any, tok: Any, comp: Compressor, samples: list[Sample], max_new_tokens: int | list[int], mode: str = "query_agnostic"
+    model: Any,
+    tok: Any,
+    comp: Compressor,
+    samples: list[Sample],
+    max_new_tokens: int | list[int],
+    mode: str = "query_agnostic",
 ) -> Iterator[tuple[Sample, dict[str, Any]]]:
     """Answer ``samples`` that share one context, prefilling and compressing it once.
 

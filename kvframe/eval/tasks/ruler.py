@@ -769,7 +769,9 @@ def _validate_subtasks(subtasks: Sequence[str] | str) -> list[str]:
     return subtasks
 
 
-def _builder(subtask: str, rng: random.Random, length: int, seed_tag: str, index: int, seed: int, questions: int = 1) -> _Builder:
+def _builder(
+    subtask: str, rng: random.Random, length: int, seed_tag: str, index: int, seed: int, questions: int = 1
+) -> _Builder:
     if subtask in _NIAH:
         return niah_builder(subtask, rng, questions=questions)
     if subtask == "vt":
