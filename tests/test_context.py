@@ -313,3 +313,34 @@ def test_bad_input_is_refused_with_what_is_accepted(model, data):
         ctx.generate(qs[:1], max_new_tokens=2, rows=[0, 0])
     with pytest.raises(ConfigError, match="attention_mask is accepted only with a 2-D tensor"):
         ctx.generate(qs[:1], max_new_tokens=2, attention_mask=torch.ones(1, 5))
+
+
+@pytest.mark.parametrize("arch,name", [("gemma3", "snapkv"), ("gemma3", "streaming_llm_decode"), ("qwen2", "tova_decode")])
+def test_other_architectures_and_sliding_window_layers(arch, name, data):
+    """Gemma3's sliding-window layers are trimmed to their window while answering: on the fork only."""
+    model = tiny_model(arch)
+    ctx_ids, qs = data
+    comp = _comp(name)
+    ctx = kvframe.compress_context(model, comp, ctx_ids)
+    before = _snapshot(ctx.cache)
+    answers = ctx.generate(qs[:3], max_new_tokens=N_NEW, eos_token_id=None)
+    for q, got in zip(qs, answers):
+        assert torch.equal(got, _separate(model, comp, ctx_ids, q, eos_token_id=None)[0])
+    assert _same(_snapshot(ctx.cache), before)
+    if arch == "gemma3":
+        sliding = [layer for layer in ctx.cache.layers if layer.is_sliding]
+        assert sliding and all(layer.state.num_slots <= layer.sliding_window for layer in sliding)
+
+
+def test_a_context_made_under_inference_mode(model, data):
+    """Inference tensors carry no version counter: the context still works, answers are the same."""
+    ctx_ids, qs = data
+    comp = _comp("tova_decode")
+    with torch.inference_mode():
+        ctx = kvframe.compress_context(model, comp, ctx_ids)
+        inside = ctx.generate(qs[:2], max_new_tokens=N_NEW, eos_token_id=None)
+    before = _snapshot(ctx.cache)
+    outside = ctx.generate(qs[:2], max_new_tokens=N_NEW, eos_token_id=None)
+    refs = [_separate(model, comp, ctx_ids, q, eos_token_id=None)[0] for q in qs[:2]]
+    assert all(torch.equal(a, r) and torch.equal(b, r) for a, b, r in zip(inside, outside, refs))
+    assert _same(_snapshot(ctx.cache), before)

@@ -126,3 +126,20 @@ def test_groups_follow_the_prompt_prefix_and_are_never_split_across_ranks(smollm
     assert list(StridedSampler(5, 1, 2)) == [1, 3]
     # perplexity streams are never grouped
     assert [len(g.samples) for g in context_groups(_Shared("perplexity"), smollm2_tokenizer, task.samples(None))] == [1] * 10
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason='datasets not installed (pip install "kvframe[hub]")')
+def test_longbench_rows_about_one_document_form_one_group(tmp_path, smollm2_tokenizer, monkeypatch):
+    from kvframe.eval.tasks.hub import LongBenchTask
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    doc, other = "Passage 1:\nParis is the capital of France.", "Passage 1:\nThe cat sat on the mat."
+    rows = [(doc, "What is the capital of France?"), (other, "Where did the cat sit?"), (doc, "Which country is Paris in?")]
+    path = tmp_path / "hotpotqa.jsonl"
+    path.write_text("".join(
+        json.dumps({"input": q, "context": c, "answers": ["x"], "length": 7, "dataset": "hotpotqa", "language": "en",
+                    "all_classes": None, "_id": f"id-{i}"}) + "\n" for i, (c, q) in enumerate(rows)
+    ))
+    task = LongBenchTask("hotpotqa", data_files=str(path), cache_dir=str(tmp_path / "cache"))
+    groups = context_groups(task, smollm2_tokenizer, task.samples(smollm2_tokenizer))
+    assert [[s.id.rsplit("-", 1)[1] for s in g.samples] for g in groups] == [["0", "2"], ["1"]]
