@@ -26,6 +26,7 @@ import torch
 from kvframe.attach import attach
 from kvframe.compressor import Compressor
 from kvframe.context import compress_context
+from kvframe.errors import KVFrameError
 from kvframe.eval.tasks.base import Sample, Task
 
 
@@ -174,13 +175,15 @@ def answer_group(
         return
     budgets = [max_new_tokens] * len(samples) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(samples):
-        raise ValueError(f"{len(samples)} samples but {len(budgets)} max_new_tokens")
+        raise KVFrameError(f"{len(samples)} samples but {len(budgets)} max_new_tokens; accepted: one per sample")
     if mode == "query_aware" and len(samples) != 1:
-        raise ValueError("query_aware mode compresses each question with its context: one sample per group")
-    dev = model.device
+        raise KVFrameError(
+            f"query_aware mode compresses each question with its context; got {len(samples)} samples (accepted: one)"
+        )
     parts = [prompt_parts(tok, s) for s in samples]
     if len({p for p, _ in parts}) != 1:
-        raise ValueError(f"samples {[s.id for s in samples]} do not share one context")
+        raise KVFrameError(f"samples {[s.id for s in samples]} do not share one context; accepted: samples of one context")
+    dev = model.device
     pre = tok(parts[0][0], add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
     sufs = [tok(suf, add_special_tokens=False, return_tensors="pt").input_ids.to(dev) for _, suf in parts]
     if mode == "query_agnostic":

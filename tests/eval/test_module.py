@@ -13,6 +13,7 @@ import pytest
 import kvframe.eval.generation as generation
 import kvframe.eval.module as module
 from kvframe.cli import main
+from kvframe.errors import KVFrameError
 from kvframe.eval.module import ContextGroup, StridedSampler, TaskDataModule, context_groups
 from kvframe.eval.tasks.base import Sample, Task
 
@@ -143,3 +144,14 @@ def test_longbench_rows_about_one_document_form_one_group(tmp_path, smollm2_toke
     task = LongBenchTask("hotpotqa", data_files=str(path), cache_dir=str(tmp_path / "cache"))
     groups = context_groups(task, smollm2_tokenizer, task.samples(smollm2_tokenizer))
     assert [[s.id.rsplit("-", 1)[1] for s in g.samples] for g in groups] == [["0", "2"], ["1"]]
+
+
+def test_answer_group_refuses_samples_it_cannot_answer_from_one_prefill(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    a, b = Sample("a", "context one", "q?"), Sample("b", "context two", "q?")
+    with pytest.raises(KVFrameError, match="2 samples but 1 max_new_tokens; accepted: one per sample"):
+        next(generation.answer_group(None, tok, None, [a, b], [4]))
+    with pytest.raises(KVFrameError, match="query_aware mode .* got 2 samples \\(accepted: one\\)"):
+        next(generation.answer_group(None, tok, None, [a, a], 4, "query_aware"))
+    with pytest.raises(KVFrameError, match=r"samples \['a', 'b'\] do not share one context"):
+        next(generation.answer_group(None, tok, None, [a, b], 4))
