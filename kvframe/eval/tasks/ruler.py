@@ -79,6 +79,7 @@ Typical use::
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import importlib.util
 import json
 import math
@@ -905,7 +906,8 @@ class RulerTask(Task):
     sub-task and returns a value in ``[0, 1]`` (RULER reports it times 100). ``questions > 1``
     asks that many questions per context for ``qa_1``, ``qa_2`` and ``niah_multiquery`` (one
     sample each, sharing the context, so a ``query_agnostic`` evaluation compresses each context
-    once).
+    once). ``max_new_tokens`` replaces RULER's generation budget per sub-task (128 tokens for the
+    needle tasks) for every sample; the prompts are unchanged.
     """
 
     name: ClassVar[str] = "ruler"
@@ -916,17 +918,28 @@ class RulerTask(Task):
     length: int = 4096
     seed: int = 0
     questions: int = 1  # questions per context (qa_1, qa_2, niah_multiquery); see make_ruler_samples
+    max_new_tokens: int | None = None  # generation budget of every sample; None: RULER's per sub-task
 
     def __post_init__(self) -> None:
         self.subtasks = _validate_subtasks(self.subtasks)
         _validate_questions(self.questions, self.subtasks)
+        m = self.max_new_tokens
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ConfigError(
+                f"max_new_tokens={m!r}; accepted: null (RULER's tokens_to_generate per sub-task) or an integer >= 1"
+            )
         if not isinstance(self.n_samples, int) or self.n_samples < 0:
             raise ConfigError(f"n_samples must be a non-negative integer, got {self.n_samples!r}")
         if not isinstance(self.length, int) or self.length <= 0:
             raise ConfigError(f"length must be a positive integer (tokens), got {self.length!r}")
 
     def samples(self, tokenizer: Any) -> list[Sample]:
-        return make_ruler_samples(tokenizer, self.subtasks, self.n_samples, self.length, self.seed, self.questions)
+        samples = make_ruler_samples(tokenizer, self.subtasks, self.n_samples, self.length, self.seed, self.questions)
+        if self.max_new_tokens is None:
+            return samples
+        # the same prompts, with a shorter (or longer) generation budget than RULER's: e.g. 32 tokens
+        # for a CPU run, where a wrong answer would otherwise decode RULER's 128 tokens of repetition
+        return [dataclasses.replace(s, meta={**s.meta, "max_new_tokens": self.max_new_tokens}) for s in samples]
 
     def score(self, prediction: str, sample: Sample) -> float:
         return score_ruler(prediction, sample)

@@ -394,3 +394,16 @@ def test_missing_package_names_the_pip_command(monkeypatch, tok):
     finally:
         for c in caches:
             c.cache_clear()
+
+
+def test_max_new_tokens_replaces_rulers_generation_budget_only(tok):
+    plain = RulerTask(subtasks=["niah_single_2", "vt"], n_samples=1, length=512).samples(tok)
+    capped = RulerTask(subtasks=["niah_single_2", "vt"], n_samples=1, length=512, max_new_tokens=32).samples(tok)
+    assert [s.meta["max_new_tokens"] for s in plain] == [128, 30]  # RULER's tokens_to_generate
+    assert [s.meta["max_new_tokens"] for s in capped] == [32, 32]
+    for a, b in zip(plain, capped):
+        assert (a.id, a.context, a.question, a.answers) == (b.id, b.context, b.question, b.answers)
+        assert {k: v for k, v in a.meta.items() if k != "max_new_tokens"} == {k: v for k, v in b.meta.items() if k != "max_new_tokens"}
+    for bad in (0, -3, 2.5, True, "32"):
+        with pytest.raises(ConfigError, match=re.escape(f"max_new_tokens={bad!r}")):
+            RulerTask(subtasks=["vt"], n_samples=1, length=512, max_new_tokens=bad)
