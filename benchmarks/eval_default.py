@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         "Scores: RULER string match in [0, 1] (higher is better), streaming perplexity (lower is better). "
         "`stream`: perplexity does not depend on the mode. KV bytes are what the cache holds after the prompt.",
         "",
-        leaderboard_markdown(records),
+        leaderboard_markdown(records).replace("# kvframe leaderboard\n", "", 1).replace("\n## ", "\n### "),
         "",
-        "## Every cell",
+        "### Every cell",
         "",
         format_table(records),
         "",
