@@ -125,17 +125,35 @@ def _merge_error(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"invalid value for eval config key {key!r}: {msg}")
 
 
+def _apply_override(cfg: DictConfig, override: str) -> DictConfig:
+    """Merge one ``key=value`` override into ``cfg``. A mapping merges into a mapping (``wandb={mode:
+    disabled}`` keeps ``wandb.project``); a value of another shape replaces the old one (``mode={a: 1}``
+    over the default's list), so validation can name it instead of omegaconf refusing the merge."""
+    part = parse_overrides([override])
+    try:
+        return OmegaConf.merge(cfg, part)
+    except (OmegaConfBaseException, TypeError) as exc:  # omegaconf raises a bare TypeError for list <- dict
+        if "incompatible container types" not in str(exc):
+            raise _merge_error(exc) from None
+    key = override.partition("=")[0].strip()
+    try:
+        OmegaConf.update(cfg, key, OmegaConf.select(part, key), merge=False)
+    except OmegaConfBaseException as exc:
+        raise _merge_error(exc) from None
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides; resolved and validated."""
     parts: list[Any] = [OmegaConf.structured(EvalConfig)]
     if path is not None:
         parts.append(load_yaml(path))
-    if overrides:
-        parts.append(parse_overrides(list(overrides)))
     try:
         cfg = OmegaConf.merge(*parts)
     except OmegaConfBaseException as exc:
         raise _merge_error(exc) from None
+    for o in overrides or []:
+        cfg = _apply_override(cfg, o)
     try:  # interpolations (${...}) are resolved once, here, so a bad one fails before any work
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

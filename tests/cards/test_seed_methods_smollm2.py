@@ -52,7 +52,7 @@ def test_generate_on_smollm2_2k_at_two_budgets(smollm2, prompt, method):
 def test_seed_methods_inside_kvframe_eval(tmp_path):
     methods = "[" + ",".join(SEED_METHODS) + "]"
     args = ["eval", f"output_dir={tmp_path}", "run_name=seed", f"methods={methods}", "budgets=[0.5]",
-            "tasks=[{name: passkey, n_samples: 1, length: 768}]", "max_new_tokens=8"]
+            "tasks=[{name: passkey, n_samples: 1, length: 768}]", "max_new_tokens=8", "mode=query_agnostic"]
     assert main(args) == 0
     records = json.loads((tmp_path / "seed" / "results.json").read_text())
     assert sorted(r["method"] for r in records) == sorted(SEED_METHODS)

@@ -27,7 +27,7 @@ def eval_args(tiny_lm_dir, tmp_path):
     def make(*extra: str, run_name: str | None = "r") -> list[str]:
         args = [
             f"model={tiny_lm_dir}", "tasks=[{name: passkey, n_samples: 2, length: 256}]", "methods=[full, knorm]",
-            "budgets=[0.5]", "max_new_tokens=4", "wandb.mode=disabled", "plots=false", "progress_bar=false",
+            "budgets=[0.5]", "max_new_tokens=4", "mode=query_agnostic", "wandb.mode=disabled", "plots=false", "progress_bar=false",
             f"output_dir={tmp_path / 'runs'}",
         ]
         if run_name is not None:

@@ -35,7 +35,7 @@ def no_model_loading(monkeypatch):
         ("model=${nope}", "cannot resolve eval config key 'model'"),
         ("budgets=[1.5]", "budgets entry=1.5"),
         ("tasks=[{name:passkey}]", "without a space"),
-        ("methods=[snapkv, snapkv]", "methods[0] and methods[1] are the same composition ('snapkv') at budget 0.5"),
+        ("methods=[snapkv, snapkv]", "methods[0] and methods[1] are the same composition ('snapkv') at budget"),
         ("tasks=[{name: passkey}, {name: passkey}]", "tasks[0] and tasks[1] are the same task ('passkey')"),
     ],
 )
@@ -137,8 +137,9 @@ def test_bad_config_fails_before_loading_the_model(override, needle, monkeypatch
 
 def test_default_config_parses():
     cfg = load_config(default_config_path())
-    assert "full" in list(cfg.methods) and len(cfg.budgets) == 2
-    assert [c.label for c in plan_cells(cfg)][:3] == ["full", "streaming_llm", "streaming_llm"]
+    assert "full" in list(cfg.methods) and list(cfg.budgets) == [0.75, 0.5, 0.25]
+    assert list(cfg.mode) == ["query_aware", "query_agnostic"]
+    assert [c.label for c in plan_cells(cfg)][:4] == ["full", "streaming_llm", "streaming_llm", "streaming_llm"]
 
 
 def test_unknown_names_suggest_close_matches():

@@ -57,7 +57,8 @@ def test_ddp_two_cpu_processes_evaluate_each_sample_once(tmp_path):
     """2 gloo processes: every sample exactly once, and the same results as one process."""
     common = [
         "tasks=[{name: passkey, n_samples: 3, length: 256}]", "methods=[full,knorm]", "budgets=[0.5]",
-        "max_new_tokens=6", "progress_bar=false", "wandb.mode=disabled", f"output_dir={tmp_path}", "threads=1",
+        "max_new_tokens=6", "mode=query_agnostic", "progress_bar=false", "wandb.mode=disabled", f"output_dir={tmp_path}",
+        "threads=1",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("KVFRAME_RUN_NAME", None)
