@@ -19,7 +19,7 @@ rounds after ``--warmup`` rounds, median per configuration):
 
 Every step feeds one token (``logits_to_keep=1``); the cache grows by one slot per step (the
 ``torch.cat`` of the append is part of the step, as in ``generate``). The speed-up is
-full / compressed, measured side by side. Beside it is the **bandwidth limit** (DESIGN.md section 7):
+full / compressed, measured side by side. Beside it is the **bandwidth limit**:
 a step must at least read the weights and the KV cache once, so it can at most speed up by
 ``(weight_bytes + kv_full_bytes) / (weight_bytes + kv_budget_bytes)``, weight bytes from the model's
 parameters (tied embedding counted once), KV bytes from ``SlotCache.memory().kv_bytes`` (batch

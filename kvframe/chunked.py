@@ -1,4 +1,4 @@
-"""Chunked prefill for triggers with a ``chunk_size`` (methods.md section 1.2).
+"""Chunked prefill for triggers with a ``chunk_size`` (``docs/methods.md#chunked-prefill-with-a-scoring-pass``).
 
 :func:`kvframe.attach`'s forward wrapper calls :func:`chunked_forward` when a multi-token input
 meets a compressor whose trigger asks for chunks. The prompt is fed ``size`` tokens at a time:

@@ -175,7 +175,7 @@ def test_gradient_statistic_needs_backward_trigger():
 def test_pair_merging_methods_end_every_chunk_at_the_budget(method, overrides, conserved):
     """AsymKV/KVSlimmer: after each chunk's compression the past holds exactly budget slots; the
     counts sum to the tokens seen (disjoint pairs, no clamp), or at most that (overlapping picks
-    evict a slot, methods.md section 1.7)."""
+    evict a slot, docs/methods.md#overlapping-picks)."""
     from kvframe import chunked
 
     model = tiny_model("llama")

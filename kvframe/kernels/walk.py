@@ -1,4 +1,4 @@
-"""``kvframe::balance_signs``: BalanceKV's self-balancing walk over blocks (methods.md section 4.3).
+"""``kvframe::balance_signs``: BalanceKV's self-balancing walk over blocks (``docs/methods.md#self-balancing-walk``).
 
 Layout: ``keys`` ``[G, nb, n, d]`` and ``values`` ``[G, nb, n, dv]`` (any float dtype, computed in
 float32), ``valid`` ``[G, nb, n]`` bool (false = padding), ``u`` ``[G, nb, n]`` float32 uniforms

@@ -246,8 +246,8 @@ class ValueMerge(Policy):
     """The values ``[B, H, S, D]`` and log-weights ``[B, H, S]`` of the kept slots.
 
     Stored values are *mean* values: a slot standing for ``l`` tokens has log-weight ``ln l`` and
-    value ``V_sum / l`` (methods.md section 0: logit bias ``ln l`` with mean values is exactly the
-    cardinality-aware softmax over summed values)."""
+    value ``V_sum / l`` (logit bias ``ln l`` with mean values is exactly AsymKV's cardinality-aware
+    softmax over summed values; see ``docs/methods.md#merged-slots-and-counts``)."""
 
     kind: ClassVar[str] = "value_merge"
 

@@ -1,4 +1,4 @@
-"""CaM value merge: "Cache Merging" (Zhang et al., ICML 2024; code ``zyxxmu/cam``; methods.md section 5).
+"""CaM value merge: "Cache Merging" (Zhang et al., ICML 2024; code ``zyxxmu/cam``; ``docs/methods.md#cam``).
 
 Applied on top of an eviction (StreamingLLM or H2O selection). When slot ``e`` is evicted, its value
 is spread into the next ``m`` kept values (in cache order) with probability

@@ -1,12 +1,12 @@
 """Convex value merge: WeightedKV (Yuan et al., arXiv 2503.01330, Section III-B, Algorithm 1).
 
 A kept slot's value becomes the convex combination of its own value and the values folded into it,
-weighted by each token's *average* attention score (methods.md section 3.3):
+weighted by each token's *average* attention score (``docs/methods.md#weightedkv``):
 
     v_new = (sum_i abar_i v_i + abar_k v_k) / (sum_i abar_i + abar_k)
 
 For one evicted token this is the paper's ``(abar_{j*} V[j*] + abar_{j*+1} V[j*+1]) / (abar_{j*} +
-abar_{j*+1})``, the renormalised first-order approximation of the ideal merge (section 3.2). When
+abar_{j*+1})``, the renormalised first-order approximation of the ideal merge (Sec. III-B). When
 several slots fold into the same kept slot at once (a multi-token compression, e.g. after the
 prompt) they are combined in one convex step, which equals applying the single-merge rule to
 their weighted mean. The kept slot keeps its own key, log-weight and statistics (the paper does not

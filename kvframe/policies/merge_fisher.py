@@ -1,6 +1,7 @@
 """Fisher key merge of AsymKV: a diagonal empirical-Fisher Newton step per dimension.
 
-AsymKV (arXiv 2506.05410), methods.md section 1.5. With ``F_i = g_i * g_i`` the squared gradient of
+AsymKV (arXiv 2506.05410; released code ``the-scale-lab/Asymkv``, ``asymkv/method/asymkv.py``); see
+``docs/methods.md#fisher-key-merge``. With ``F_i = g_i * g_i`` the squared gradient of
 the chunk's language-model loss with respect to slot ``i``'s pre-RoPE key (framework statistic
 ``grad``, from a ``per_chunk`` trigger with ``scoring_pass: backward``), every group (a kept slot
 and the slots folded into it) gets, per KV head and dimension ``e``::
@@ -12,10 +13,11 @@ the paper's formula. Keys are merged before RoPE and re-rotated at the merged sl
 last token's). The merged slot's stored gradient is the sum of the raw (signed) gradients
 ``sum_i g_i``. Slots nothing was folded into keep their key and gradient unchanged.
 
-Fallback (documented deviation from the code's no-Hessian branch, Q5): where a group's gradient
-is missing or not finite, its key is the plain average of its members' keys; where ``sum_i F_i[e]``
-is 0 for one dimension, that dimension is averaged. Values are *not* averaged (the code's fallback
-halves them, contradicting the sum convention); the value merge keeps summing.
+Fallback (a deliberate deviation from the code's no-gradient branch; ``docs/methods.md#asymkv-choices``):
+where a group's gradient is missing or not finite, its key is the plain average of its members'
+keys; where ``sum_i F_i[e]`` is 0 for one dimension, that dimension is averaged. Values are *not*
+averaged (the code's fallback halves them, contradicting the sum convention); the value merge keeps
+summing.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from kvframe.slots import SlotState
 
 
 def fisher_merge(keys: Tensor, grad: Tensor, eps: float = 1e-21) -> Tensor:
-    """Merge the keys ``[..., n, D]`` of one group with gradients ``[..., n, D]`` (section 1.5)."""
+    """Merge the keys ``[..., n, D]`` of one group with gradients ``[..., n, D]`` (diagonal-Fisher step)."""
     f = grad.float() ** 2
     return (f * keys.float()).sum(-2) / (f.sum(-2) + eps)
 

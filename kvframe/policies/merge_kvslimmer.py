@@ -1,30 +1,32 @@
 """KVSlimmer key merge: a gradient-free closed form with the off-diagonal Hessian coupling.
 
-KVSlimmer (arXiv 2603.00907), methods.md sections 2.2-2.5 and 2.7; the defaults follow the released
-code. Per layer and KV head:
+KVSlimmer (arXiv 2603.00907); the defaults follow the released code ``lianjunl13-sudo/KVSlimmer``
+(``pred.py``: proxy and smoothing; ``kvslimmer/cache.py``, ``kvslimmer/merge.py``: the merge).
+Derivation, defaults and where kvframe departs from the code: ``docs/methods.md#kvslimmer``.
+Per layer and KV head:
 
-**Proxy** (section 2.3, in :meth:`KVSlimmerKeyMerge.observe`, every time the trigger fires):
+**Proxy** (in :meth:`KVSlimmerKeyMerge.observe`, every time the trigger fires):
 ``alpha_j = m_j / sum_i m_i`` over the middle slots (valid rank ``>= n_sink``; ``m`` = the
 framework's count-weighted window attention ``window_attn``; the code's mean over the query heads of
 a group is our sum divided by ``G`` and cancels in the normalisation); ``o = sum_j alpha_j V_j``
-with ``V`` the *summed* value of each slot (stored mean value times count, A5);
+with ``V`` the *summed* value of each slot (stored mean value times count, as the code does);
 ``d_j = ||V_j - o||_1`` (``norm: l2``: Euclidean); ``h_j = alpha_j (1 - 2 alpha_j) d_j``; sinks 0.
-**Smoothing** (section 2.4): slots that already held a proxy after the previous firing
+**Smoothing**: slots that already held a proxy after the previous firing
 (statistic ``hproxy_set``) get ``h = h_new / delta + (1 - 1/delta) h_old`` with ``delta`` the
 window index (``ctx.step + 1``); newer slots take ``h_new``.
 
-**Merge** (section 2.5): ``alpha`` as above, ``d^_j = h_j / (alpha_j (1 - 2 alpha_j) + 1e-21)``,
+**Merge**: ``alpha`` as above, ``d^_j = h_j / (alpha_j (1 - 2 alpha_j) + 1e-21)``,
 coupling between consecutive members of a group ``h_il = alpha_i alpha_l (d^_i + d^_l)``
-(``exact_c12``: ``||alpha_i alpha_l (V_i + V_l - 2 o)||`` in the chosen norm, the paper's form, A2).
+(``exact_c12``: ``||alpha_i alpha_l (V_i + V_l - 2 o)||`` in the chosen norm, the paper's form).
 Member weights ``A_i = h_i - sum_{partners l} h_il`` and ``k = sum_i A_i k_i / (sum_i A_i + 1e-21)``.
 For a pair this is the code's ``A = h_j - h12, B = h_{j+1} - h12``; for any group it is the exact
 minimiser of ``1/2 sum_i h_i ||k - k_i||^2 - sum_{consecutive (i,l)} h_il (k - k_i).(k - k_l)``, so
 the merge also composes with selectors that fold more than two slots. ``power: 2`` squares every
-term (``h_i^2``, ``h_il^2``), the reviewer's transcription of the paper's Eq. 33 (A1). Keys are
+term (``h_i^2``, ``h_il^2``), the paper's Eq. (33) as transcribed in a public review. Keys are
 merged before RoPE with one scalar weight per slot and head, and re-rotated at the merged slot's
 position. The merged slot's proxy is ``sum_i a_i^2 h_i`` (``a_i = A_i / sum A``).
 
-**Guard** (``guard: true``, recommended by the spec; the code has none): where ``sum_i A_i <= 1e-21``
+**Guard** (``guard: true``, kvframe's addition; the code has none): where ``sum_i A_i <= 1e-21``
 or a weight falls outside ``[0, 1]`` the coupling is dropped, ``a_i = h_i^p / sum_l h_l^p`` (for
 pairs and ``power: 1``: ``a = h_j / (h_j + h_{j+1})``), and if that is degenerate too, the plain
 average.
@@ -50,7 +52,7 @@ EPS = 1e-21
 Norm = Literal["l1_code", "l2"]
 
 
-# --------------------------------------------------------------------------- paper math (section 2.2)
+# --------------------------------------------------------------------------- paper math: d^2 o / d s^2
 def softmax_output_c11(alpha: Tensor, values: Tensor, m: int) -> Tensor:
     """``d^2 o / d s_m^2 = alpha_m (1 - 2 alpha_m) (v_m - o)`` for ``o = softmax(s)^T V``
     (``alpha`` ``[T]``, ``values`` ``[T, D]``)."""
@@ -71,7 +73,7 @@ def vector_norm(x: Tensor, norm: Norm) -> Tensor:
 
 
 def pair_weights(h_j: Tensor, h_k: Tensor, h12: Tensor, power: int = 1) -> tuple[Tensor, Tensor]:
-    """The code's closed form for one pair (section 2.5): ``(a, b)`` with ``k = a k_j + b k_{j+1}``.
+    """The code's closed form for one pair: ``(a, b)`` with ``k = a k_j + b k_{j+1}``.
 
     ``A = h_j^p - h12^p``, ``B = h_{j+1}^p - h12^p``, ``a = A / (A + B + 1e-21)``. Minimiser of
     ``1/2 h_j ||k - k_j||^2 - h12 (k - k_j).(k - k_{j+1}) + 1/2 h_{j+1} ||k - k_{j+1}||^2`` (``p = 1``).
@@ -82,7 +84,7 @@ def pair_weights(h_j: Tensor, h_k: Tensor, h12: Tensor, power: int = 1) -> tuple
     return a / d, b / d
 
 
-# --------------------------------------------------------------------------- proxy (section 2.3)
+# --------------------------------------------------------------------------- proxy (the code's pred.py)
 def attention_share(state: SlotState, n_sink: int) -> Tensor:
     """``[B, H, T]`` ``alpha_j``: window attention normalised over the middle slots (0 elsewhere)."""
     mass = state.stats.get("window_attn")
@@ -187,7 +189,7 @@ class KVSlimmerKeyMerge(KeyMerge):
 
     @staticmethod
     def _guarded(w: Tensor, total: Tensor, hp: Tensor, member: Tensor, assign: Tensor, idx: Tensor, size: Tensor) -> Tensor:
-        """Section 2.5's convexity guard: non-convex groups fall back to ``h^p`` weights, then to the average."""
+        """The convexity guard: non-convex groups fall back to ``h^p`` weights, then to the average."""
         s = total.shape[-1]
         out_of_range = member & ((w < 0) | (w > 1))
         bad = (total <= EPS) | (group_sum(out_of_range.long(), assign, s) > 0)

@@ -1,7 +1,8 @@
 """BalanceKV value merge: kept samples stand for ``2^T`` tokens (sample weights from the selector).
 
 "BalanceKV: KV Cache Compression through Discrepancy Theory" / "Streaming Attention Approximation
-via Discrepancy Theory" (arXiv 2502.07861); methods.md sections 4.2 and 4.6 (quirk B1).
+via Discrepancy Theory" (arXiv 2502.07861; released code ``ksheth96/BalanceKV``, ``src/llama_forward.py``);
+see ``docs/methods.md#weights-values-and-logit-bias``.
 
 For a kept middle slot with accumulated walk weight ``w_j`` after ``T`` halving rounds:
 

@@ -1,14 +1,15 @@
 """Sum value merge with counts: the lossless value side of AsymKV and KVSlimmer.
 
-AsymKV (arXiv 2506.05410), methods.md sections 0 and 1.6 (KVSlimmer, section 2.5 step 7, reuses it).
-A group's summed value is ``V = sum_i V_i`` and its count ``l = sum_i l_i``; stored in kvframe's
-bias + mean form: log-weight ``ln l`` and value ``V / l``. The cardinality-aware softmax over such
-slots equals plain attention whenever the merged tokens share a key (section 0): all of the
-approximation is in the key merge.
+AsymKV (arXiv 2506.05410; KVSlimmer, arXiv 2603.00907, reuses it); see
+``docs/methods.md#summed-values-and-the-count-clamp``. A group's summed value is ``V = sum_i V_i``
+and its count ``l = sum_i l_i``; stored in kvframe's bias + mean form: log-weight ``ln l`` and value
+``V / l``. The cardinality-aware softmax over such slots equals plain attention whenever the merged
+tokens share a key (``docs/methods.md#merged-slots-and-counts``): all of the approximation is in
+the key merge.
 
 ``clamp`` (default 5, the code's; ``null`` disables it) caps every kept slot's count after the
-merge, as the code does (Q1): the log-weight becomes ``ln min(l, clamp)`` while the value keeps the
-whole sum (stored as ``V / min(l, clamp)``), so a slot standing for more than ``clamp`` tokens is
+merge, as the released code does: the log-weight becomes ``ln min(l, clamp)`` while the value keeps
+the whole sum (stored as ``V / min(l, clamp)``), so a slot standing for more than ``clamp`` tokens is
 under-weighted in the softmax denominator. In the code the counts also define positions (cumulative
 sums), so the clamp there also compresses positions; kvframe keeps original positions (a merged slot
 sits at its last token's position), so here the clamp affects only the weight, never positions.

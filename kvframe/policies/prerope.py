@@ -1,7 +1,7 @@
 """Shared helpers of the key merges that work on pre-RoPE keys (AsymKV, KVSlimmer).
 
 Slots store keys rotated at their positions. Merging keys is only meaningful before RoPE
-(methods.md section 0: AsymKV caches pre-RoPE keys), so a key merge un-rotates every key at its own
+(AsymKV's released code caches keys before RoPE), so a key merge un-rotates every key at its own
 position, merges, and re-rotates the merged key at the merged slot's position (the position of
 the group's last token, set by the compressor). Without a rotary service (plain-tensor use) the
 stored keys are taken as pre-RoPE keys.

@@ -1,12 +1,13 @@
 """Accumulated-attention scorer: H2O's heavy hitters during decoding, WeightedKV's average score.
 
-- H2O (Zhang et al., arXiv 2306.14048; methods.md section 5): ``a_j = sum_t A_{t,j}``, the attention
+- H2O (Zhang et al., arXiv 2306.14048): ``a_j = sum_t A_{t,j}``, the attention
   slot ``j`` has received from every query so far (prompt and generated tokens), kept up to date
   by kvframe's attention function (statistic ``attn``, summed over the KV group's query heads).
-- WeightedKV (Yuan et al., arXiv 2503.01330, Algorithm 1; methods.md section 3.3): the *average*
+- WeightedKV (Yuan et al., arXiv 2503.01330, Algorithm 1; ``docs/methods.md#weightedkv``): the *average*
   ``a_j / n_j`` with ``n_j`` the number of steps the slot has been in the cache (statistic
   ``age``), with ``average: true``. Averaging over the GQA group instead of one head is our
-  choice for GQA models (section 3.6 W3): it does not change the ranking within a KV head.
+  choice for GQA models (the paper uses a multi-head model): it does not change the ranking within a
+  KV head.
 
 Protected slots score ``+inf``: the first ``n_sink`` content tokens and the most recent ones.
 ``recent`` is a count (int) or, as a float in ``[0, 1]``, the fraction of the budget that the

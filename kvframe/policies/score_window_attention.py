@@ -1,6 +1,7 @@
 """Window-attention scorer: the attention mass each slot received from the current chunk.
 
-AsymKV (arXiv 2506.05410) and KVSlimmer (arXiv 2603.00907), methods.md section 1.4 step 1:
+AsymKV (arXiv 2506.05410) and KVSlimmer (arXiv 2603.00907), the attention mass of their pair
+scores (``docs/methods.md#pair-selection``):
 ``m_j = l_j * sum_{q in window} w_{q,j}``, summed over the query heads of the KV group. This is the
 framework statistic ``window_attn`` (kvframe.stats): the probabilities include the slot's
 log-weight ``ln l_j``, so the count factor is already in. With a ``per_chunk`` trigger that has a

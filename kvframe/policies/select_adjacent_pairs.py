@@ -1,7 +1,8 @@
 """Adjacent-pair selection of AsymKV and KVSlimmer: merge the least-attended neighbouring slots.
 
-AsymKV (arXiv 2506.05410), methods.md sections 1.4 and 1.7; KVSlimmer (arXiv 2603.00907), section
-2.6. Per batch row, one selection shared by all KV heads of the layer:
+AsymKV (arXiv 2506.05410; ``AsymKVCache`` in the released code's ``asymkv/method/asymkv.py``) and
+KVSlimmer (arXiv 2603.00907; ``kvslimmer/cache.py``); see ``docs/methods.md#pair-selection``. Per batch
+row, one selection shared by all KV heads of the layer:
 
 - slots are taken in position order among the row's *valid* slots (left padding may sit in front);
   the first ``n_sink`` of them are sinks and never touched; pair ``i`` is the two consecutive middle
@@ -10,7 +11,8 @@ AsymKV (arXiv 2506.05410), methods.md sections 1.4 and 1.7; KVSlimmer (arXiv 260
   passed in (the ``window_attention`` scorer's count-weighted window attention mass, already summed
   over the query heads of each KV group, so summing over KV heads sums over all query heads);
   with ``count_factor`` it is multiplied by ``sum_heads (l_j + l_{j+1}) = H_kv (l_j + l_{j+1})``
-  (AsymKV's count factor; KVSlimmer's code reduces it to a constant, A7, so its card sets it off);
+  (AsymKV's count factor; KVSlimmer's code sums the counts over the whole sequence, a constant that
+  does not change the ranking, so its card sets it off);
 - the ``K = content - budget`` pairs with the smallest score are merged: ``j+1`` folds into ``j``.
   There is no protected recent window; the position penalty is the only recency mechanism
   (recent pairs get smaller scores and are merged first). Ties go to the older pair.
@@ -42,7 +44,7 @@ from kvframe.policies.groups import true_slots_first
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
-#: AsymKV's position temperature, ``4096 / ln 512`` (methods.md section 1.4 step 3).
+#: AsymKV's position temperature, ``4096 / ln 512`` (the released code's ``asymkv/method/asymkv.py``).
 DEFAULT_GAMMA = 4096.0 / math.log(512.0)
 
 
@@ -147,7 +149,7 @@ class AdjacentPairsSelector(Selector):
 
     @staticmethod
     def _selection(chosen: Tensor, n: Tensor, slot: Tensor, t: int, h: int) -> Selection:
-        """Apply the picks simultaneously (section 1.7) in valid-rank space, then map to slots."""
+        """Apply the picks simultaneously (``overlap`` rule above) in valid-rank space, then map to slots."""
         b = chosen.shape[0]
         dev = chosen.device
         ar = torch.arange(t, device=dev)

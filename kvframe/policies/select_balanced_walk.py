@@ -1,17 +1,20 @@
 """BalanceKV selection: repeated halving of the middle of the cache by a self-balancing walk.
 
 "BalanceKV: KV Cache Compression through Discrepancy Theory" (v1) / "Streaming Attention
-Approximation via Discrepancy Theory" (v2, NeurIPS 2025), arXiv 2502.07861; implemented from
-methods.md section 4 (4.2 layout, 4.3 ``balanced_walk``, 4.4 code defaults, 4.6 quirks B1/B2).
+Approximation via Discrepancy Theory" (v2, NeurIPS 2025), arXiv 2502.07861; implemented after the
+released code ``ksheth96/BalanceKV`` (``src/balanced_walk.py``: walk and half choice;
+``src/llama_forward.py``: layout; ``run_longbench.py``: defaults). Formulas and the choices below
+are explained in ``docs/methods.md#balancekv``.
 
 Per batch row and KV head the first ``n_sink`` and last ``window`` valid slots are kept exactly; the
 middle is halved ``T`` times. Each round re-blocks the surviving middle tokens (in the current order)
 into blocks of ``block_size``, runs the self-balancing walk per block in the feature space of the
 kernel ``exp(temp <k_a, k_b>/sqrt d - beta) (<v_a, v_b> + const)`` and then chooses the kept half
-from the *global* sign sequence (B2). Kept tokens carry the weights ``w`` (products of 1 and 2) that
-:mod:`kvframe.policies.merge_reweight` turns into values and log-weights (B1).
+from the *global* sign sequence of the row and head, as the released code does (not per block).
+Kept tokens carry the weights ``w`` (products of 1 and 2) that
+:mod:`kvframe.policies.merge_reweight` turns into values and log-weights.
 
-Choices made here (the spec leaves them open):
+Choices made here (the paper and the released code leave them open):
 
 - Padding of the last block does not influence the walk: the block mean that centres the keys is
   taken over the block's real entries only, the kernel rows/columns of padding are zero, and padding
@@ -19,7 +22,7 @@ Choices made here (the spec leaves them open):
 - ``itrs=None`` derives the number of rounds from the resolved budget ``ctx.budgets`` and the
   content ``n`` of each head: ``T = round_half_up(log2(n / budget))`` (ratio 0.5 -> 1, 0.25 -> 2,
   like ``run_longbench.py``'s ``itrs``; an absolute budget is the ratio ``budget / n``). As in the
-  code (section 4.5, "about 25% of the prompt"), the sinks and the window come on top of the kept
+  code (about 25% of the prompt at ``T = 2``), the sinks and the window come on top of the kept
   quarter of the middle, so the kept count can exceed the nominal budget by up to
   ``n_sink + window`` slots.
 - ``ctx.generator`` of ``None`` is replaced by a ``torch.Generator`` seeded 0 (reproducible).
@@ -106,7 +109,7 @@ def signed_energy(signs: Tensor, ker: Tensor) -> Tensor:
 
 
 def choose_half(signs: Tensor) -> tuple[Tensor, Tensor]:
-    """The global half choice of section 4.3 step 4 for sign sequences ``[G, m]``.
+    """The global half choice (``docs/methods.md#choosing-the-kept-half``) for sign sequences ``[G, m]``.
 
     Returns ``(order, weight)`` ``[G, ⌊m/2⌋]``: positions into the sequence of the kept tokens in the
     stable descending order of their provisional weights, and those weights (2 or 1).
@@ -138,7 +141,7 @@ def balanced_halving(
     const: float = 0.025,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One round of section 4.3 for ``G`` sequences at once.
+    """One halving round of the walk (``docs/methods.md#self-balancing-walk``) for ``G`` sequences at once.
 
     ``keys``/``values`` ``[G, n, d]`` (all middle tokens), ``idx`` ``[G, m]`` surviving tokens in the
     current order, ``w`` ``[G, m]`` their accumulated weights. Returns the new ``(idx, w)``
@@ -288,7 +291,7 @@ class _HalvingSelector(Selector):
 @register("selector", "balanced_walk")
 @dataclass
 class BalancedWalkSelector(_HalvingSelector):
-    """BalanceKV (section 4.3): ``T`` rounds of block-wise self-balancing walks, global half choice."""
+    """BalanceKV: ``T`` rounds of block-wise self-balancing walks, global half choice."""
 
     gamma: Annotated[float, Ge(0)] = 4.0
     temp: Annotated[float, Gt(0)] = 1.0
@@ -313,7 +316,7 @@ class BalancedWalkSelector(_HalvingSelector):
 @register("selector", "uniform_halving")
 @dataclass
 class UniformHalvingSelector(_HalvingSelector):
-    """BalanceKV's "uniform" baseline (section 4.3): each round keeps a uniformly random half."""
+    """BalanceKV's "uniform" baseline: each round keeps a uniformly random half (same layout)."""
 
     def halve(self, keys: Tensor, values: Tensor, itrs: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return uniform_halving(keys.shape[1], keys.shape[0], itrs, generator, keys.device)

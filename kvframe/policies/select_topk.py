@@ -1,7 +1,7 @@
 """Top-k selection: each row and head keeps its ``budget`` highest-scoring slots, in position order.
 
 With ``fold: right`` every dropped slot is folded into the next kept slot to its right instead of
-vanishing (WeightedKV's "merge into the right neighbour", methods.md section 3.3; slots after the
+vanishing (WeightedKV's "merge into the right neighbour", arXiv 2503.01330, Algorithm 1; slots after the
 last kept slot of a head stay dropped). What folding does to keys and values is up to the merge
 policies; with the ``drop`` merges it is plain eviction.
 """

@@ -5,9 +5,10 @@
 - ``per_chunk``: the prompt is fed in chunks of ``size`` tokens (by :func:`kvframe.attach`).
   With ``scoring_pass: none`` the cache is compressed after every chunk's pass. With ``forward`` or
   ``backward`` every chunk after the first runs twice, exactly as AsymKV/KVSlimmer do
-  (methods.md section 1.2): a scoring pass over the chunk on the current past (its attention, and
-  for ``backward`` the gradient of the chunk's language-model loss with respect to the past's
-  pre-RoPE keys, become slot statistics; the chunk's own keys and values are discarded), then
+  (``docs/methods.md#chunked-prefill-with-a-scoring-pass``): a scoring pass over the chunk on the
+  current past (its attention, and for ``backward`` the gradient of the chunk's language-model loss
+  with respect to the past's pre-RoPE keys, become slot statistics; the chunk's own keys and values
+  are discarded), then
   compression of the past, then the real pass that appends the chunk. No compression during
   decoding, and none after the last chunk: the cache ends at most ``budget + size`` slots
   (plus the generated tokens).

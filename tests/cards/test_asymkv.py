@@ -1,5 +1,5 @@
-"""AsymKV (methods.md section 1): window-attention scorer, adjacent-pair selector, Fisher key merge,
-sum value merge; the unit-test properties of section 1.11, on plain tensors."""
+"""AsymKV (docs/methods.md#asymkv): window-attention scorer, adjacent-pair selector, Fisher key merge,
+sum value merge (lossless for shared keys, merge fixed points, bookkeeping, overlap rule), on plain tensors."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def summed(result, b: int = 0, h: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_pairs(m: list[float], l: list[float], n_sink: int, k: int, gamma: float, count_factor: bool) -> list[int]:
-    """Section 1.4 by hand: left ranks of the k lowest-scoring pairs (one head, H_kv = 1)."""
+    """Pair scores by hand: left ranks of the k lowest-scoring pairs (one head, H_kv = 1)."""
     scores = []
     for j in range(n_sink, len(m) - 1):
         i = j - n_sink
@@ -51,7 +51,7 @@ def reference_pairs(m: list[float], l: list[float], n_sink: int, k: int, gamma: 
 
 
 def reference_apply(picks: list[int], values: list[torch.Tensor], counts: list[float], positions: list[int]):
-    """Section 1.7 by hand: simultaneous application with overlapping picks turning into eviction."""
+    """Overlap rule by hand: simultaneous application with overlapping picks turning into eviction."""
     deleted = {j + 1 for j in picks}
     out = []
     for j in range(len(values)):
@@ -142,7 +142,7 @@ def test_fisher_fallback_averages_keys_and_keeps_summed_values():
         res = kvframe.compress(build(7), keys, values, stats={"window_attn": window, "grad": g})
         assert torch.allclose(res.keys[:, :, 3], (keys[:, :, 3] + keys[:, :, 4]) / 2)
         v_sum = res.values[:, :, 3] * res.log_weights[:, :, 3, None].exp()
-        assert torch.allclose(v_sum, values[:, :, 3] + values[:, :, 4], atol=1e-6)  # not averaged (Q5)
+        assert torch.allclose(v_sum, values[:, :, 3] + values[:, :, 4], atol=1e-6)  # summed, not averaged
     # F == 0 in one dimension only: that dimension is averaged, the others follow F
     g = grad.clone()
     g[:, :, 3:5, 0] = 0.0

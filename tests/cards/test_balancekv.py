@@ -1,4 +1,4 @@
-"""BalanceKV (methods.md section 4): sizes, weights, bias, discrepancy, attention error, determinism."""
+"""BalanceKV (docs/methods.md#balancekv): sizes, weights, bias, discrepancy, attention error, determinism."""
 
 from __future__ import annotations
 

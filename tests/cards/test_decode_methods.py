@@ -1,4 +1,4 @@
-"""Decode-time methods: WeightedKV (methods.md section 3.7), H2O, TOVA, CaM and StreamingLLM during
+"""Decode-time methods: WeightedKV (docs/methods.md#weightedkv), H2O, TOVA, CaM and StreamingLLM during
 decoding. Values on plain tensors, and exact capacities through generate() on tiny models."""
 
 from __future__ import annotations

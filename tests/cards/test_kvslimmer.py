@@ -1,5 +1,5 @@
-"""KVSlimmer (methods.md section 2): Hessian blocks, proxy, smoothing, closed-form merge, guard and
-flags; the unit-test properties of section 2.9, on plain tensors."""
+"""KVSlimmer (docs/methods.md#kvslimmer): Hessian blocks, proxy, smoothing, closed-form merge, guard and
+flags (second derivatives vs finite differences, minimiser, fixed points, proxy recovery), on plain tensors."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ def build(budget: int, n_sink: int = 2, **kw):
 
 
 def reference_proxy(window: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, n_sink: int, norm: str = "l1"):
-    """Section 2.3 by hand for one head: (alpha, o, d, h) as plain lists/tensors (float64)."""
+    """The Hessian proxy by hand for one head: (alpha, o, d, h) as plain lists/tensors (float64)."""
     t = window.shape[0]
     a = [window[j].item() * (1.0 if j >= n_sink else 0.0) for j in range(t)]
     total = sum(a)
     alpha = torch.tensor([x / (total + 1e-21) for x in a], dtype=torch.float64)
-    v = values.double() * counts.double()[:, None]  # summed values (A5)
+    v = values.double() * counts.double()[:, None]  # summed values, as the released code
     o = sum(alpha[j] * v[j] for j in range(t))
     dev = [(v[j] - o).abs().sum() if norm == "l1" else (v[j] - o).norm() for j in range(t)]
     d = torch.stack(dev)
@@ -63,7 +63,7 @@ def test_c11_c12_are_the_second_derivatives_of_the_softmax_output():
         fd12 = (out(s + e_m + e_n) - out(s + e_m - e_n) - out(s - e_m + e_n) + out(s - e_m - e_n)) / (4 * eps**2)
         assert torch.allclose(softmax_output_c11(alpha, v, m), fd11, atol=1e-5)
         assert torch.allclose(softmax_output_c12(alpha, v, m), fd12, atol=1e-5)
-        # and the formulas as written in the spec
+        # and the closed forms of c_11 and c_12 (docs/methods.md#paper-formulas)
         o = alpha @ v
         assert torch.allclose(softmax_output_c12(alpha, v, m), -alpha[m] * alpha[m + 1] * (v[m] + v[m + 1] - 2 * o))
 
@@ -135,7 +135,7 @@ def test_proxy_matches_hand_computation_and_dhat_recovers_the_deviation():
     assert torch.allclose(first.stats["hproxy"], out.stats["hproxy"])
 
 
-# --------------------------------------------------------------------------- smoothing (section 2.4)
+# --------------------------------------------------------------------------- smoothing across firings
 def test_smoothing_with_delta():
     torch.manual_seed(5)
     t, d = 9, 4

@@ -17,7 +17,7 @@ prompt in the model's chat template; LongBench does not for its few-shot and cod
 the fields each scorer needs. Scores are in ``[0, 1]`` (LongBench, RULER and InfiniteBench report
 them times 100).
 
-Hub ids (see /work/shared/data.md section 3): ``THUDM/LongBench`` (mirror ``zai-org/LongBench``),
+Hub ids: ``THUDM/LongBench`` (mirror ``zai-org/LongBench``),
 ``deepmind/pg19`` (parquet mirrors ``emozilla/pg19``, ``emozilla/pg19-test``),
 ``xinrongzhang2022/InfiniteBench``; RULER has no official hub copy (generate it with NVIDIA/RULER
 and pass the jsonl files). ``THUDM/LongBench`` and ``deepmind/pg19`` are built by loading scripts,

@@ -39,7 +39,8 @@ during generation, and the next-token NLL is recorded at every position from ``p
 plain full-sequence forward to float tolerance (tested). A budget given as a ratio refers, for a
 decode trigger, to the *prefill* length; give streaming budgets as absolute slot counts.
 Positions are whatever the compressor says (``positions: reindex`` to stream past the model's
-context window, WeightedKV's assumption W5). ``step > 1`` feeds fixed chunks instead (the
+context window; WeightedKV's paper does not say how it positions tokens past Llama-2's window, see
+``docs/methods.md#weightedkv-choices``). ``step > 1`` feeds fixed chunks instead (the
 StreamingLLM variant). Chunked-prefill methods (``per_chunk`` trigger: AsymKV, KVSlimmer) compress
 only inside multi-token forwards, so with ``step=1`` they compress the prefill and then grow by
 one slot per token; stream them with ``step`` >= their chunk size to keep compressing.
