@@ -53,24 +53,23 @@ def show(name: str, overrides: list[str] | None = None) -> str:
 
 
 EVAL_EXTRA_MODULES = ("lightning", "wandb", "matplotlib", "rapidfuzz", "rouge_score", "rouge")
+EVAL_INSTALL = "pip install 'kvframe[eval]'"
+LM_EVAL_INSTALL = 'pip install "kvframe[lm-eval]"'
 
 
-def _require_eval_extra() -> None:
-    """``kvframe eval`` needs the ``[eval]`` extra; say so in one line instead of an ImportError."""
+def _require_extra(command: str, extra: str, modules: tuple[str, ...], install: str) -> None:
+    """A subcommand that needs an optional extra says so in one line instead of an ImportError."""
     import importlib.util
 
-    missing = [m for m in EVAL_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise KVFrameError(
-            f"kvframe eval needs the evaluation extra (missing: {', '.join(missing)}); install it with "
-            "pip install 'kvframe[eval]'"
-        )
+        raise KVFrameError(f"kvframe {command} needs the {extra} extra (missing: {', '.join(missing)}); install it with {install}")
 
 
 def evaluate(config: str | None = None, overrides: list[str] | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """Run an evaluation; with no config the built-in default. Returns the run directory and the
     results records (``status`` ``failed`` for cells that raised)."""
-    _require_eval_extra()
+    _require_extra("eval", "evaluation", EVAL_EXTRA_MODULES, EVAL_INSTALL)
     from kvframe.eval.config import default_config_path, load_config
     from kvframe.eval.runner import evaluate as run
 
@@ -85,38 +84,18 @@ def report(
     """Merge the ``results.json`` of one or more eval runs into one leaderboard under ``out``
     (Markdown, CSV, score-vs-budget plots; a W&B run if ``wandb`` is ``offline`` or ``online``);
     returns the Markdown and where the files went."""
-    import importlib.util
-
-    missing = [m for m in ("matplotlib", *(("wandb",) if wandb else ())) if importlib.util.find_spec(m) is None]
-    if missing:
-        raise KVFrameError(
-            f"kvframe report needs the evaluation extra (missing: {', '.join(missing)}); install it with "
-            "pip install 'kvframe[eval]'"
-        )
+    _require_extra("report", "evaluation", ("matplotlib", *(("wandb",) if wandb else ())), EVAL_INSTALL)
     from kvframe.eval.report import report as make_report
 
     rep = make_report(run_dirs, out=out, keep_both=keep_both, wandb=wandb, project=project)
     return rep.markdown + "\nwritten: " + ", ".join(str(f) for f in rep.files)
 
 
-LM_EVAL_INSTALL = 'pip install "kvframe[lm-eval]"'
-
-
-def _require_lm_eval_extra() -> None:
-    """``kvframe lm-eval`` needs the ``[lm-eval]`` extra; say so in one line instead of an ImportError."""
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
-        raise KVFrameError(
-            f"kvframe lm-eval needs the lm-evaluation-harness extra (missing: lm_eval); install it with {LM_EVAL_INSTALL}"
-        )
-
-
 def lm_eval(args: list[str]) -> list[dict[str, Any]]:
     """Run lm-evaluation-harness's own command line on ``args`` with kvframe's model registered as
     ``kvframe`` (every lm-eval flag works); print and return, per kvframe model of the run, the summary
     of the cache bytes held after compression (see :mod:`kvframe.eval.harness`)."""
-    _require_lm_eval_extra()
+    _require_extra("lm-eval", "lm-evaluation-harness", ("lm_eval",), LM_EVAL_INSTALL)
     try:
         from kvframe.eval.harness import run_cli
     except ImportError as exc:  # lm_eval is there but something it needs is not
