@@ -215,9 +215,7 @@ def leaderboard_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], 
         row = []
         for c in LEADERBOARD_COLUMNS:
             v = r.get(c)
-            if c == "budget":
-                v = "" if v is None else str(v)
-            elif c in ("run", "error"):
+            if c in ("budget", "run", "error"):
                 v = "" if v is None else str(v)
             row.append(v)
         rows.append(row)
