@@ -1,9 +1,11 @@
 """The cache of slots, as a real ``transformers`` :class:`~transformers.Cache`.
 
-:class:`SlotCache` holds one :class:`SlotLayer` per decoder layer. ``update`` appends the new
-tokens' keys and values as slots (like ``DynamicCache``); kvframe's attention function then fills in
-their positions and padding flags, attends with the slots' log-weights, and, when the compressor's
-trigger fires, replaces the layer's slots by the compressed ones. The stored tensors really shrink.
+:class:`SlotCache` holds one :class:`SlotLayer` per decoder layer, whose slots live in a
+:class:`~kvframe.store.SlotStore` (preallocated buffers). ``update`` writes the new tokens' keys and
+values into the store's free capacity in place (``DynamicCache`` concatenates the layer instead);
+kvframe's attention function then fills in their positions and padding flags, attends with the
+slots' log-weights, and, when the compressor's trigger fires, installs the compressed slots in the
+store. The memory is really released (see :mod:`kvframe.store`).
 
 ``get_seq_length()`` returns the number of tokens the cache has *seen* (padding included), not the
 number of slots it holds, so ``generate`` and the model place new tokens at their original
@@ -22,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvframe.errors import KVFrameError, UnsupportedModelError
 from kvframe.slots import SlotState
+from kvframe.store import SlotStore
 
 if TYPE_CHECKING:
     from kvframe.compressor import Compressor
@@ -52,15 +55,29 @@ def layer_types(model: Any) -> list[str]:
     return types
 
 
+@dataclass(frozen=True)
+class LayerSnapshot:
+    """A layer's bookkeeping before a scoring pass (:meth:`SlotLayer.begin_scratch`)."""
+
+    slots: int
+    seen: int
+    decode_steps: int
+    valid_seen: Tensor | None
+    next_position: Tensor | None
+    plain: bool
+
+
 class SlotLayer(CacheLayerMixin):
     """One decoder layer's slots (see :class:`kvframe.slots.SlotState`)."""
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, sliding_window: int | None = None):
+    def __init__(self, sliding_window: int | None = None, headroom: int = 0):
         super().__init__()
-        self.state: SlotState | None = None
+        self.store = SlotStore(headroom=headroom)
+        self.scratch: SlotState | None = None  # a scoring pass's dense state (kvframe.chunked), the store untouched
+        self.in_scratch = False
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.seen = 0  # tokens appended so far (padding included)
@@ -75,6 +92,38 @@ class SlotLayer(CacheLayerMixin):
         self.prompt_valid: Tensor | None = None  # [B] non-padding prompt tokens (frozen at the first decode step)
         self.next_position: Tensor | None = None  # [B] original position of the next token
         self.scoring_queries: tuple[Tensor, Tensor, Tensor, float | None] | None = None
+
+    @property
+    def state(self) -> SlotState | None:
+        """The layer's slots: a view of its :class:`~kvframe.store.SlotStore` (or, during a scoring
+        pass, the pass's own dense state). Assigning a state installs it into the store."""
+        return self.scratch if self.in_scratch else self.store.view()
+
+    @state.setter
+    def state(self, value: SlotState | None) -> None:
+        if self.in_scratch:
+            self.scratch = value
+        else:
+            self.store.install(value)
+
+    def begin_scratch(self, state: SlotState | None = None) -> LayerSnapshot:
+        """Run the next passes on a dense stand-in for the store (a chunked trigger's scoring pass):
+        appends concatenate onto ``state`` (default: the store's view, no copy) and the store is
+        left as it is. Returns the snapshot :meth:`end_scratch` restores the layer to."""
+        snap = LayerSnapshot(self.store.n, self.seen, self.decode_steps, self.valid_seen, self.next_position, self.plain)
+        self.scratch = state if state is not None else self.store.view()
+        self.in_scratch = True
+        return snap
+
+    def end_scratch(self, snap: LayerSnapshot) -> None:
+        """Drop the stand-in and restore the bookkeeping of ``snap``; the statistics the pass
+        recorded about the slots the layer held before it (its first ``snap.slots``) are kept."""
+        scratch, self.scratch, self.in_scratch = self.scratch, None, False
+        if scratch is not None and self.store.n:
+            self.store.truncate(self.store.n, {k: v[:, :, : snap.slots] for k, v in scratch.stats.items()})
+        self.seen, self.decode_steps, self.plain = snap.seen, snap.decode_steps, snap.plain
+        self.valid_seen, self.next_position = snap.valid_seen, snap.next_position
+        self.pending = 0
 
     # -- transformers Cache layer API ------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -119,19 +168,22 @@ class SlotLayer(CacheLayerMixin):
             valid=torch.ones(b, h, q, dtype=torch.bool, device=dev),
             stats={},
         )
-        if self.state is None:
-            self.slots_before = 0
-            self.state = new
+        current = self.state
+        self.slots_before = 0 if current is None else current.num_slots
+        if self.in_scratch:  # a scoring pass: concatenate, leave the store untouched
+            if current is not None:
+                # new slots start with zero statistics (same trailing shape as the layer's)
+                new.stats = {k: v.new_zeros(b, h, q, *v.shape[3:]) for k, v in current.stats.items()}
+                new = current.cat(new)
+            self.scratch = new
+            state = new
         else:
-            self.slots_before = self.state.num_slots
-            # new slots start with zero statistics (same trailing shape as the layer's)
-            new.stats = {k: v.new_zeros(b, h, q, *v.shape[3:]) for k, v in self.state.stats.items()}
-            self.state = self.state.cat(new)
+            state = self.store.append(new)  # written in place into free capacity
         self.seen += q
         self.pending = q
         if q == 1:
             self.decode_steps += 1
-        return self.state.keys, self.state.values
+        return state.keys, state.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -143,7 +195,7 @@ class SlotLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.sliding_window)  # type: ignore[misc]
+        self.__init__(self.sliding_window, self.store.headroom)  # type: ignore[misc]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:
@@ -172,13 +224,13 @@ class SlotLayer(CacheLayerMixin):
     def fork(self) -> SlotLayer:
         """A copy-on-write copy: the same slot tensors, its own bookkeeping.
 
-        Nothing is copied: the fork's :class:`SlotState` is a new object holding the same tensors
-        (and a new ``stats`` dict of the same tensors), and the per-row tensors (``shift``,
-        ``valid_seen``, ...) are shared too. This is safe because kvframe never writes into a
-        cache tensor it did not create in the same pass: appending concatenates into new tensors,
-        compression gathers into new tensors, statistics are replaced, not accumulated in place
-        (see "Forks" in docs/architecture.md). A layer in the middle of a pass (tokens appended
-        but not yet attended) cannot be forked.
+        Nothing is copied: the fork's store shares the buffers (:meth:`SlotStore.fork
+        <kvframe.store.SlotStore.fork>`: both are marked shared, and whichever writes first, an
+        append in place or an installation, copies the buffers first), its :class:`SlotState` is a
+        new object holding the same tensors (and a new ``stats`` dict of the same tensors), and the
+        per-row tensors (``shift``, ``valid_seen``, ...) are shared too. Statistics are replaced,
+        never accumulated in place (see "Forks" in docs/architecture.md). A layer in the middle of
+        a pass (tokens appended but not yet attended) cannot be forked.
         """
         if self.pending:
             raise KVFrameError(
@@ -187,27 +239,27 @@ class SlotLayer(CacheLayerMixin):
             )
         new = SlotLayer.__new__(SlotLayer)
         new.__dict__.update(self.__dict__)
-        if self.state is not None:
-            new.state = self.state.replace(stats=dict(self.state.stats))
+        new.store = self.store.fork()  # the buffers are shared copy-on-write
         return new
 
     def content_slots(self) -> Tensor | None:
         return None if self.state is None else self.state.content_slots()
 
     def nbytes(self) -> int:
-        return 0 if self.state is None else self.state.nbytes()
+        return self.store.nbytes()
 
 
 @dataclass
 class CacheMemory:
     """What a :class:`SlotCache` holds, summed over layers."""
 
-    bytes: int
-    kv_bytes: int
-    slots: int  # allocated slots (content + padding), summed over layers, rows and heads
+    bytes: int  # everything allocated: the slot buffers at their capacity, and the statistics
+    kv_bytes: int  # key and value bytes of the slots held (content + padding)
+    slots: int  # slots held (content + padding), summed over layers, rows and heads
     content_slots: int
     seen_tokens: int
-    per_layer_slots: list[int]  # allocated slots per head in each layer
+    per_layer_slots: list[int]  # slots held per head in each layer
+    reserved_bytes: int = 0  # allocated capacity not holding a slot yet (appends fill it in place)
 
     @property
     def padding_slots(self) -> int:
@@ -229,7 +281,15 @@ class SlotCache(Cache):
         rope: Rotary | None = None,
     ):
         windows = sliding_windows or [None] * num_layers
-        super().__init__(layers=[SlotLayer(w) for w in windows])
+        headroom = compressor.trigger.headroom if compressor.compresses else 0
+        # a sliding-window layer is trimmed back to its window after every pass: one free slot
+        # lets each decoding step append and trim in place
+        super().__init__(
+            layers=[
+                SlotLayer(w, headroom if (w is None or compressor.compress_sliding_layers) else (1 if w else 0))
+                for w in windows
+            ]
+        )
         self.compressor = compressor
         self.rope = rope
         self.num_layers = num_layers
@@ -283,20 +343,21 @@ class SlotCache(Cache):
     # -- reporting --------------------------------------------------------------------------
     def memory(self) -> CacheMemory:
         """Bytes and slots actually held (keys, values, positions, log-weights, validity, stats)."""
-        total = kv = slots = content = 0
+        total = kv = slots = content = reserved = 0
         per_layer = []
         for layer in self.layers:
             st = layer.state
             if st is None:
                 per_layer.append(0)
                 continue
-            total += st.nbytes()
-            kv += st.keys.numel() * st.keys.element_size() + st.values.numel() * st.values.element_size()
+            total += layer.store.nbytes()
+            kv += layer.store.kv_bytes()
+            reserved += layer.store.reserved_bytes()
             slots += st.valid.numel()
             content += int(st.valid.sum())
             per_layer.append(st.num_slots)
         seen = self.layers[0].seen if self.layers else 0
-        return CacheMemory(total, kv, slots, content, seen, per_layer)
+        return CacheMemory(total, kv, slots, content, seen, per_layer, reserved)
 
     def slot_states(self) -> list[SlotState | None]:
         return [layer.state for layer in self.layers]

@@ -107,24 +107,24 @@ def chunked_forward(
 
 def _scoring_pass(call: Callable[..., Any], args: dict[str, Any], cache: SlotCache, backward: bool, accepts_logits_to_keep: bool) -> None:
     layers = cache.layers
-    saved = [
-        (layer.state.num_slots if layer.state is not None else 0, layer.seen, layer.decode_steps, layer.valid_seen, layer.next_position, layer.plain)
-        for layer in layers
-    ]
+    if backward and torch.is_inference_mode_enabled():
+        raise ConfigError(
+            "a backward scoring pass (AsymKV-style key gradients) cannot run under torch.inference_mode(); "
+            "use torch.no_grad() (as generate does) or no grad context"
+        )
+    # the pass runs on dense stand-ins of the layers' states; the slot stores are not touched, so the
+    # layers are restored by dropping the stand-ins and restoring their bookkeeping snapshots
+    snapshots = []
     leaves: list[Tensor | None] = []
-    if backward:
-        if torch.is_inference_mode_enabled():
-            raise ConfigError(
-                "a backward scoring pass (AsymKV-style key gradients) cannot run under torch.inference_mode(); "
-                "use torch.no_grad() (as generate does) or no grad context"
-            )
-        for layer in layers:
-            if layer.state is None:
-                leaves.append(None)
-                continue
-            leaf = layer.state.keys.detach().requires_grad_(True)
-            layer.state = layer.state.replace(keys=leaf)
+    for layer in layers:
+        st = layer.state
+        if backward and st is not None:
+            leaf = st.keys.detach().requires_grad_(True)
+            st = st.replace(keys=leaf)
             leaves.append(leaf)
+        elif backward:
+            leaves.append(None)
+        snapshots.append(layer.begin_scratch(st))
     cache.scoring = True
     try:
         if backward:
@@ -149,13 +149,8 @@ def _scoring_pass(call: Callable[..., Any], args: dict[str, Any], cache: SlotCac
                 call(**args)
     finally:
         cache.scoring = False
-        for layer, (n_past, seen, steps, vseen, nxt, plain) in zip(layers, saved):
-            if layer.state is not None:
-                st = layer.state.slice(n_past)
-                layer.state = st.replace(keys=st.keys.detach())
-            layer.seen, layer.decode_steps, layer.valid_seen, layer.next_position = seen, steps, vseen, nxt
-            layer.plain = plain
-            layer.pending = 0
+        for layer, snap in zip(layers, snapshots):
+            layer.end_scratch(snap)
     if backward:
         for (i, leaf), g in zip(todo, grads):
             layer = layers[i]
@@ -168,7 +163,7 @@ def _scoring_pass(call: Callable[..., Any], args: dict[str, Any], cache: SlotCac
 
 
 def _compress_past(cache: SlotCache) -> None:
-    from kvframe.attention import apply_compression, compression_context
+    from kvframe.layer_pass import apply_compression, compression_context
 
     comp = cache.compressor
     for i, layer in enumerate(cache.layers):

@@ -285,6 +285,12 @@ class Trigger(Policy):
     #: decoding): an absolute budget above the prompt length then just means "not full yet".
     capacity: ClassVar[bool] = False
 
+    @property
+    def headroom(self) -> int:
+        """Free slots the slot store keeps after each compression: the slots appended before this
+        trigger fires again (decode-time: ``every``; chunked: one chunk), so they are written in place."""
+        return 0
+
     def fires(self, event: TriggerEvent) -> bool:  # pragma: no cover
         raise NotImplementedError
 

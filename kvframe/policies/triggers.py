@@ -47,6 +47,10 @@ class PerChunk(Trigger):
     def chunk_size(self) -> int:  # type: ignore[override]
         return self.size
 
+    @property
+    def headroom(self) -> int:
+        return self.size
+
     def fires(self, event: TriggerEvent) -> bool:
         # with a scoring pass, compression runs between the scoring and the real pass (kvframe.chunked)
         return self.scoring_pass == "none" and event.new_tokens > 1
@@ -58,6 +62,10 @@ class Decode(Trigger):
     capacity = True
     every: Annotated[int, Ge(1), Note("decode steps")] = 1
     prefill: bool = True
+
+    @property
+    def headroom(self) -> int:
+        return self.every
 
     def fires(self, event: TriggerEvent) -> bool:
         if event.new_tokens > 1:

@@ -1,0 +1,232 @@
+"""The slot store of one cache layer: preallocated capacity, appends written in place.
+
+A :class:`SlotStore` holds a layer's slots in buffers whose slot axis (dim 2) has a *capacity*
+of at least the slots held. What policies and attention see is :meth:`SlotStore.view`, a
+:class:`~kvframe.slots.SlotState` whose tensors are views of the first ``n`` slots of the buffers
+(no copy), exactly the dense ``[B, H, n, D]`` state every policy already works on.
+
+- **Appending** (``SlotLayer.update``) writes the new slots into the free capacity in place. When the
+  capacity is short the buffers grow geometrically (by a quarter, at least 64 slots), so appends are
+  amortised O(1) per slot instead of a copy of the whole layer per decoding step.
+- **Headroom**: a compressor whose trigger holds the cache at a capacity (decode-time eviction:
+  ``every`` slots; chunked prefill: one chunk) gets buffers of ``kept + headroom`` slots after each
+  compression, so the appends until the next firing fit and the compressed result is copied back
+  into the same buffers: no allocation per step.
+- **Installing** a compressed (or re-ordered) state copies it into the buffers when they are
+  owned and their capacity fits ``kept + headroom`` within 2% (a decode-time method's steady state);
+  otherwise it takes new buffers sized ``kept + headroom``, adopting the compressor's freshly
+  gathered tensors when no headroom is needed, so memory is really released after compression.
+- **Forks** share the buffers copy-on-write: :meth:`fork` marks both stores shared, and whichever
+  writes first (an append, an installation) copies the buffers first. The views a fork hands out
+  are never written through by kvframe once their pass is over (``docs/architecture.md``, "Forks").
+- **Codec**: keys and values are held through a :class:`~kvframe.codecs.Codec` (``fp``, the model's
+  dtype, by default); the store moves the codec's parts slot by slot without knowing what they
+  hold (``docs/architecture.md``, "The slot store").
+
+Per-slot statistics stay dense ``[B, H, n, ...]`` tensors next to the buffers: policies replace
+them (never write into them), and they are small next to keys and values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kvframe.codecs import Codec, FpCodec
+from kvframe.slots import SlotState
+
+#: Buffers grow by this fraction of their capacity (at least :data:`MIN_GROWTH` slots).
+GROWTH = 0.25
+MIN_GROWTH = 64
+#: An installed state is copied into the current buffers if their capacity exceeds what it needs
+#: (kept slots + headroom) by at most this fraction of the kept slots (else new buffers are taken).
+FIT_TOLERANCE = 0.02
+
+_META = ("positions", "log_weights", "valid")
+
+
+def _owns_storage(t: Tensor) -> bool:
+    """Whether ``t`` is the whole of its storage (adopting it holds no hidden bytes); a permuted
+    layout (a transposed projection's keys) is fine: growth copies into dense buffers."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+class SlotStore:
+    """The slots of one layer (see the module docstring).
+
+    Attributes
+    ----------
+    n:
+        Slots held per row and head (the view's length).
+    headroom:
+        Free slots kept after each installation (the trigger's appends between firings).
+    allocations:
+        How many times buffers were allocated (first append, growth, copy-on-write, resizing).
+    copied_slots:
+        Slots (per row and head) copied between buffers by growth, copy-on-write and installation;
+        appends in place and views copy none.
+    """
+
+    def __init__(self, codec: Codec | None = None, headroom: int = 0):
+        self.codec = codec or FpCodec()
+        self.headroom = int(headroom)
+        self.parts: dict[str, Tensor] = {}
+        self.stats: dict[str, Tensor] = {}
+        self.n = 0
+        self.shared = False
+        self.allocations = 0
+        self.copied_slots = 0
+        self._view: SlotState | None = None
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.parts["valid"].shape[2] if self.parts else 0
+
+    def view(self) -> SlotState | None:
+        """The held slots as a :class:`SlotState` of views (the same object until the store changes)."""
+        if not self.parts:
+            return None
+        if self._view is None:
+            n = self.n
+            p = {k: v[:, :, :n] for k, v in self.parts.items()}
+            self._view = SlotState(
+                keys=self.codec.decode({k[5:]: v for k, v in p.items() if k.startswith("keys.")}),
+                values=self.codec.decode({k[7:]: v for k, v in p.items() if k.startswith("values.")}),
+                positions=p["positions"],
+                log_weights=p["log_weights"],
+                valid=p["valid"],
+                stats=self.stats,
+            )
+        return self._view
+
+    def nbytes(self) -> int:
+        """Bytes allocated: every buffer at its capacity, plus the statistics."""
+        tensors = [*self.parts.values(), *self.stats.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def kv_bytes(self, slots: int | None = None) -> int:
+        """Key and value bytes of ``slots`` slots per row and head (default: the slots held)."""
+        slots = self.n if slots is None else slots
+        return sum(
+            t.shape[0] * t.shape[1] * slots * math.prod(t.shape[3:]) * t.element_size()
+            for k, t in self.parts.items()
+            if k.startswith(("keys.", "values."))
+        )
+
+    def reserved_bytes(self) -> int:
+        """Bytes of allocated capacity beyond the slots held (every buffer)."""
+        free = self.capacity - self.n
+        return sum(t.shape[0] * t.shape[1] * free * math.prod(t.shape[3:]) * t.element_size() for t in self.parts.values())
+
+    # -- writing ------------------------------------------------------------------------------
+    def _encode(self, st: SlotState) -> dict[str, Tensor]:
+        out = {f"keys.{k}": v for k, v in self.codec.parts(st.keys).items()}
+        out.update({f"values.{k}": v for k, v in self.codec.parts(st.values).items()})
+        out.update(positions=st.positions, log_weights=st.log_weights, valid=st.valid)
+        return out
+
+    def _allocate(self, like: dict[str, Tensor], capacity: int, keep: int) -> None:
+        """New buffers shaped like ``like`` (batch, heads, trailing dims) with ``capacity`` slots;
+        the first ``keep`` slots of the current buffers are copied over."""
+        new = {k: t.new_empty((*t.shape[:2], capacity, *t.shape[3:])) for k, t in like.items()}
+        if keep:
+            for k, t in new.items():
+                t[:, :, :keep].copy_(self.parts[k][:, :, :keep])
+            self.copied_slots += keep
+        self.parts = new
+        self.shared = False
+        self.allocations += 1
+
+    def append(self, new: SlotState) -> SlotState:
+        """Append ``new``'s slots after the held ones (in place when capacity allows); new slots get
+        zero statistics. Returns the new view."""
+        enc = self._encode(new)
+        q = new.num_slots
+        need = self.n + q
+        if not self.parts:
+            if self.headroom == 0 and all(_owns_storage(t) for t in enc.values()):
+                self.parts, self.shared = dict(enc), False  # the first pass: adopt its tensors as they are
+                self.allocations += 1
+            else:
+                self._allocate(enc, need + self.headroom, 0)
+                for k, t in enc.items():
+                    self.parts[k][:, :, :q].copy_(t)
+        else:
+            if self.shared or need > self.capacity:
+                cap = self.capacity
+                if need > cap:
+                    cap = need + self.headroom if self.headroom else max(need, cap + max(math.ceil(cap * GROWTH), MIN_GROWTH))
+                self._allocate(self.parts, cap, self.n)
+            for k, t in enc.items():
+                self.parts[k][:, :, self.n : need].copy_(t)
+        b, h = new.batch_size, new.num_heads
+        self.stats = {k: torch.cat([v, v.new_zeros(b, h, q, *v.shape[3:])], dim=2) for k, v in self.stats.items()}
+        self.n = need
+        self._view = None
+        return self.view()  # type: ignore[return-value]
+
+    def install(self, state: SlotState | None) -> None:
+        """Make ``state`` the held slots (a compressed, trimmed or re-ordered state, or new stats).
+
+        Tensors that are the current view's own are kept as they are; otherwise the state is copied
+        into the buffers if they fit (see the module docstring) or becomes new buffers."""
+        if state is None:
+            self.parts, self.stats, self.n, self._view, self.shared = {}, {}, 0, None, False
+            return
+        cur = self._view if self._view is not None else self.view()
+        if cur is not None and all(getattr(state, f) is getattr(cur, f) for f in ("keys", "values", *_META)):
+            if state.stats is not cur.stats:  # only statistics changed
+                self.stats = dict(state.stats)
+                self._view = None
+            return
+        enc = self._encode(state)
+        m = state.num_slots
+        target = m + self.headroom
+        same_shape = bool(self.parts) and all(
+            k in self.parts and self.parts[k].shape[:2] == t.shape[:2] and self.parts[k].shape[3:] == t.shape[3:]
+            for k, t in enc.items()
+        ) and len(enc) == len(self.parts)
+        fits = same_shape and not self.shared and target <= self.capacity <= target + math.ceil(FIT_TOLERANCE * m)
+        if fits:
+            storages = {t.untyped_storage().data_ptr() for t in self.parts.values()}
+            for k, t in enc.items():
+                field = k.split(".", 1)[0]
+                if cur is not None and getattr(state, field) is getattr(cur, field):
+                    continue  # unchanged: the held slots' own view
+                if t.untyped_storage().data_ptr() in storages:
+                    t = t.clone()  # a view into the buffers themselves: copy it out first
+                self.parts[k][:, :, :m].copy_(t)
+            self.copied_slots += m
+        elif self.headroom == 0 and all(_owns_storage(t) for t in enc.values()):
+            self.parts, self.shared = dict(enc), False
+            self.allocations += 1
+        else:
+            new = {k: t.new_empty((*t.shape[:2], target, *t.shape[3:])) for k, t in enc.items()}
+            for k, t in enc.items():
+                new[k][:, :, :m].copy_(t)
+            self.parts, self.shared = new, False
+            self.allocations += 1
+            self.copied_slots += m
+        self.stats = dict(state.stats)
+        self.n = m
+        self._view = None
+
+    def truncate(self, n: int, stats: dict[str, Tensor] | None = None) -> None:
+        """Keep the first ``n`` slots (drop what a scoring pass appended); optionally new stats."""
+        self.n = n
+        self.stats = {k: v[:, :, :n] for k, v in (self.stats if stats is None else stats).items()}
+        self._view = None
+
+    def fork(self) -> SlotStore:
+        """A store sharing these buffers copy-on-write (both are marked shared)."""
+        new = SlotStore.__new__(SlotStore)
+        new.__dict__.update(self.__dict__)
+        new.parts = dict(self.parts)
+        new.stats = dict(self.stats)
+        new._view = None if self._view is None else self._view.replace(stats=new.stats)
+        if self.parts:
+            self.shared = new.shared = True
+        return new
