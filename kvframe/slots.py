@@ -121,6 +121,15 @@ class SlotState:
             stats={k: _gather_stat(v, idx) for k, v in self.stats.items()},
         )
 
+    def keep(self, mask: Tensor) -> SlotState:
+        """The slots where ``mask`` ``[B, H, T]`` is true, in slot order, each head padded to the
+        longest (a window trim; selectors build :class:`~kvframe.policies.base.Selection` instead)."""
+        t = mask.shape[-1]
+        s = max(int(mask.sum(-1).max()), 1) if mask.numel() else 1
+        order = true_slots_first(mask)[..., :s]
+        ok = order < t
+        return self.gather(torch.where(ok, order, 0), ok)
+
     def cat(self, other: SlotState) -> SlotState:
         """Append ``other``'s slots after this state's (same batch, heads and head size)."""
         stats = {}
@@ -179,3 +188,14 @@ def _gather_stat(stat: Tensor, idx: Tensor) -> Tensor:
     extra = stat.shape[3:]
     full = idx.reshape(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra)
     return stat.gather(2, full)
+
+
+def true_slots_first(mask: Tensor) -> Tensor:
+    """``[..., T]`` the slot indices where ``mask`` is true, ascending, then the other indices
+    ascending, stored as ``index + T`` (so ``< T`` tells the two apart).
+
+    The layout every selector builds its result from: kept (or valid) slots first in position
+    order, padding after, without a data-dependent size."""
+    t = mask.shape[-1]
+    ar = torch.arange(t, device=mask.device)
+    return torch.where(mask, ar, ar + t).sort(dim=-1).values

@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 
 from kvframe.policies.base import Selection
+from kvframe.slots import true_slots_first
+
+__all__ = ["fold_right", "group_amax", "group_sum", "kept_assign", "protected_mask", "true_slots_first", "valid_rank"]
 
 
 def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -23,17 +26,6 @@ def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:
     rank = csum - 1
     rank_end = csum[..., -1:] - csum
     return rank, rank_end
-
-
-def true_slots_first(mask: Tensor) -> Tensor:
-    """``[..., T]`` the slot indices where ``mask`` is true, ascending, then the other indices
-    ascending, stored as ``index + T`` (so ``< T`` tells the two apart).
-
-    The layout every selector builds its result from: kept (or valid) slots first in position
-    order, padding after, without a data-dependent size."""
-    t = mask.shape[-1]
-    ar = torch.arange(t, device=mask.device)
-    return torch.where(mask, ar, ar + t).sort(dim=-1).values
 
 
 def protected_mask(valid: Tensor, n_sink: int, n_recent: Tensor | int) -> Tensor:

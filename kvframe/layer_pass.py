@@ -1,0 +1,196 @@
+"""One layer's pass over new tokens: the one module that changes a :class:`SlotLayer`'s slots.
+
+kvframe's attention function (:mod:`kvframe.attention`) computes attention; everything else that
+happens when a layer sees new tokens happens here, in this order:
+
+1. :func:`finalize_new_slots`: the appended slots get their positions (from the model's
+   ``position_ids``) and validity (from the 2-D padding mask); in re-index mode they move into
+   cache positions (keys re-rotated); the layer's per-row bookkeeping advances;
+2. after attention, :func:`after_attention`: the framework-kept statistics are updated
+   (``attn``, ``age``, ``window_attn``), the compressor's trigger is asked, the compressor runs
+   (:func:`apply_compression`: compress, re-index) and a sliding-window layer is trimmed to its
+   window; during a chunked trigger's scoring pass, :func:`record_scoring_pass` instead keeps what
+   compression of the past will read.
+
+``SlotLayer.update`` (appending) and the chunked driver's scratch/snapshot calls are the only other
+writers of layer state. Nothing here imports a policy module: the compressor is reached through
+its interface.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvframe.cache import SlotCache, SlotLayer
+from kvframe.policies.base import CompressionContext, TriggerEvent
+from kvframe.slots import INVALID_POSITION, SlotState
+from kvframe.stats import attention_mass
+
+
+def finalize_new_slots(
+    cache: SlotCache, layer: SlotLayer, layer_idx: int, qpos: Tensor, qvalid: Tensor
+) -> tuple[SlotState, Tensor]:
+    """Write the new slots' positions and validity; in re-index mode move them into cache positions."""
+    state = layer.state
+    assert state is not None
+    q = layer.pending
+    b, h = state.batch_size, state.num_heads
+    new_pos = qpos[:, None, :].expand(b, h, q)
+    if layer.shift is not None:
+        new_pos = new_pos - layer.shift[:, :, None]
+        rot = cache.rope.rotate(state.keys[:, :, -q:], -layer.shift[:, :, None].expand(b, h, q), layer_idx)
+        state.keys[:, :, -q:] = rot
+    new_valid = qvalid[:, None, :].expand(b, h, q)
+    state.positions[:, :, -q:] = torch.where(new_valid, new_pos, INVALID_POSITION)
+    state.valid[:, :, -q:] = new_valid
+    n_new = qvalid.sum(-1)
+    if layer.valid_seen is None:
+        layer.valid_seen = torch.zeros_like(n_new)
+    if q == 1 and layer.prompt_valid is None and layer.seen > 1:
+        layer.prompt_valid = layer.valid_seen.clone()  # decoding starts: freeze the prompt length
+    layer.valid_seen = layer.valid_seen + n_new
+    nxt = torch.where(qvalid, qpos, -1).max(dim=-1).values + 1
+    layer.next_position = nxt if layer.next_position is None else torch.maximum(layer.next_position, nxt)
+    if layer.plain:
+        expected = layer.seen - q + torch.arange(q, device=qpos.device)
+        if not bool(qvalid.all()) or not bool((qpos == expected).all()) or layer.shift is not None:
+            layer.plain = False
+    layer.pending = 0
+    return state, new_pos
+
+
+def _reindex(cache: SlotCache, layer_idx: int, state: SlotState, next_position: Tensor) -> tuple[SlotState, Tensor]:
+    """Renumber each head's content slots ``0..n-1`` (keys re-rotated); returns the state and shift."""
+    new_pos = torch.cumsum(state.valid.long(), dim=-1) - 1
+    new_pos = torch.where(state.valid, new_pos, INVALID_POSITION)
+    delta = torch.where(state.valid, new_pos - state.positions, 0)
+    keys = cache.rope.rotate(state.keys, delta, layer_idx)
+    n = state.valid.sum(-1)  # [B, H]
+    shift = next_position[:, None] - n
+    return state.replace(keys=keys, positions=new_pos), shift
+
+
+def record_scoring_pass(
+    cache: SlotCache, layer: SlotLayer, query: Tensor, qpos: Tensor, qvalid: Tensor, scaling: float | None, window: int | None
+) -> None:
+    """During a chunked trigger's scoring pass: keep what compression of the past will read."""
+    comp = cache.compressor
+    state = layer.state
+    assert state is not None
+    if "window_attn" in comp.stats:
+        mass, _ = attention_mass(state, query, qpos, qvalid, scaling, window)
+        layer.state = state.with_stats(window_attn=mass)
+    if comp.needs_queries:
+        layer.scoring_queries = (query.detach(), qpos, qvalid, scaling)
+
+
+def _update_stats(cache: SlotCache, layer: SlotLayer, query: Tensor, qpos: Tensor, qvalid: Tensor, scaling: float | None, window: int | None) -> None:
+    """Accumulate the framework-kept statistics the compressor's policies read (see kvframe.stats)."""
+    need = cache.compressor.stats
+    want_window = "window_attn" in need and cache.compressor.trigger.scoring_pass == "none"
+    if not ("attn" in need or "age" in need or want_window):
+        return
+    state = layer.state
+    assert state is not None
+    mass, seen = attention_mass(state, query, qpos, qvalid, scaling, window)
+    upd: dict[str, Tensor] = {}
+    if "attn" in need:
+        upd["attn"] = state.stats.get("attn", torch.zeros_like(mass)) + mass
+    if "age" in need:
+        upd["age"] = state.stats.get("age", torch.zeros_like(seen)) + seen
+    if want_window:
+        upd["window_attn"] = mass
+    layer.state = state.with_stats(**upd)
+
+
+def compression_context(cache: SlotCache, layer: SlotLayer, layer_idx: int, phase: str, **kw: Any) -> CompressionContext:
+    """The context of one trigger firing for ``layer``: budget reference, step, generator, rope."""
+    state = layer.state
+    assert state is not None
+    ref_rows = layer.prompt_valid if (phase == "decode" and layer.prompt_valid is not None) else layer.valid_seen
+    reference = None if ref_rows is None else ref_rows[:, None].expand(state.batch_size, state.num_heads)
+    return CompressionContext(
+        layer_idx=layer_idx,
+        num_layers=cache.num_layers,
+        phase=phase,
+        rope=cache.rope,
+        generator=cache.generator(state.keys.device),
+        reference=reference,
+        strict=phase == "prefill" and not cache.compressor.trigger.capacity,
+        step=layer.compressions,
+        **kw,
+    )
+
+
+def apply_compression(cache: SlotCache, layer: SlotLayer, layer_idx: int, ctx: CompressionContext) -> None:
+    """Fire the compressor on ``layer`` and install the result (re-indexing positions if asked)."""
+    comp = cache.compressor
+    state = layer.state
+    assert state is not None
+    # wall-clock timing is host-side bookkeeping: skipped while torch.compile traces a compiled model
+    # forward (it would only break the graph; the traced code runs later, untimed)
+    timed = not torch.compiler.is_compiling()
+    t0 = time.perf_counter() if timed else 0.0
+    new_state, compressed = comp.compress_step(state, ctx)
+    if timed:
+        cache.compression_seconds += time.perf_counter() - t0
+    if compressed:
+        if comp.positions == "reindex":
+            assert layer.next_position is not None
+            new_state, layer.shift = _reindex(cache, layer_idx, new_state, layer.next_position)
+        layer.plain = False
+        layer.heads_uniform = False
+    layer.state = new_state
+    layer.compressions += 1
+
+
+def after_attention(
+    cache: SlotCache,
+    layer: SlotLayer,
+    layer_idx: int,
+    query: Tensor,
+    qpos: Tensor,
+    qvalid: Tensor,
+    scaling: float | None,
+    window: int | None,
+    attn_qpos: Tensor | None = None,
+) -> None:
+    """Update statistics, run the compressor if its trigger fires; trim sliding-window layers."""
+    comp = cache.compressor
+    q = query.shape[2]
+    _update_stats(cache, layer, query, qpos if attn_qpos is None else attn_qpos, qvalid, scaling, window)
+    state = layer.state
+    assert state is not None
+    event = TriggerEvent(
+        slots_before=layer.slots_before,
+        new_tokens=q,
+        slots_after=state.num_slots,
+        decode_steps=layer.decode_steps,
+        compressions=layer.compressions,
+    )
+    if (not layer.is_sliding or comp.compress_sliding_layers) and comp.trigger.fires(event):
+        ctx = compression_context(
+            cache,
+            layer,
+            layer_idx,
+            event.phase,
+            queries=query if comp.needs_queries else None,
+            query_positions=qpos,
+            query_valid=qvalid,
+            scaling=scaling,
+            sliding_window=window,
+        )
+        if layer.shift is not None:
+            ctx.query_positions = (qpos[:, None, :] - layer.shift[:, :, None])[:, 0]
+        apply_compression(cache, layer, layer_idx, ctx)
+        state = layer.state
+    if layer.is_sliding and window is not None and state.num_slots > window:
+        last = torch.where(state.valid, state.positions, INVALID_POSITION).max(dim=-1, keepdim=True).values
+        keep = state.valid & (state.positions > last - window + 1)
+        if bool((keep.sum(-1) < state.num_slots).any()):
+            layer.state = state.keep(keep)
+            layer.plain = False
