@@ -52,7 +52,7 @@ import torch
 
 import kvframe
 from kvframe.attach import cache_argument
-from kvframe.attention import apply_compression, compression_context
+from kvframe.layer_pass import apply_compression, compression_context
 from kvframe.eval.models import load_model
 from kvframe.eval.tasks.passkey import make_passkey_samples
 

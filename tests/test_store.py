@@ -207,3 +207,32 @@ def test_after_prefill_compression_releases_memory():
     cfg = model.config
     slot = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     assert cache.memory().kv_bytes == 2 * 16 * slot * cfg.num_hidden_layers
+
+
+def test_compiled_decode_loop_compiles_no_new_frame_after_the_second_step():
+    """With a capacity-bound cache every decoding step has the same shapes: torch.compile of the
+    model's forward traces the first steps and then reuses its frames for all later ones, and the
+    compiled loop generates the eager loop's tokens."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    comp = kvframe.build("streaming_llm_decode", budget=16)
+    arg = cache_argument(model)
+    ids = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(7))
+    fwd = torch.compile(model.forward, backend="eager")
+    tokens = {}
+    for name, call in (("eager", model.forward), ("compiled", fwd)):
+        frames = []
+        with torch.no_grad(), kvframe.attach(model, comp) as h:
+            cache = h.new_cache()
+            tok = model(ids, use_cache=True, **{arg: cache}).logits[:, -1:].argmax(-1)
+            out = [int(tok)]
+            for _ in range(64):
+                tok = call(input_ids=tok, use_cache=True, **{arg: cache}).logits[:, -1:].argmax(-1)
+                out.append(int(tok))
+                frames.append(counters["frames"]["total"])
+        tokens[name] = out
+    assert frames[1] > 0 and frames[-1] == frames[1]  # nothing compiled after the second step
+    assert tokens["compiled"] == tokens["eager"]
+    assert cache.layers[0].store.capacity == 17 and cache.layers[0].store.allocations == 2
