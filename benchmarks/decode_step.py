@@ -17,8 +17,9 @@ rounds after ``--warmup`` rounds, median per configuration):
   ``--masked-max-gb``, 2 GB: at 8k x batch 8 it would add 3 GB to the ~10 GB held);
 - ``budget 0.5 / 0.25 / 0.125``: the compressed copies.
 
-Every step feeds one token (``logits_to_keep=1``); the cache grows by one slot per step (the
-``torch.cat`` of the append is part of the step, as in ``generate``). The speed-up is
+Every step feeds one token (``logits_to_keep=1``); the cache grows by one slot per step, written
+into the slot store's free capacity in place (the results committed before the slot store were
+measured when each step concatenated the layer). The speed-up is
 full / compressed, measured side by side. Beside it is the **bandwidth limit**:
 a step must at least read the weights and the KV cache once, so it can at most speed up by
 ``(weight_bytes + kv_full_bytes) / (weight_bytes + kv_budget_bytes)``, weight bytes from the model's
