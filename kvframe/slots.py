@@ -190,6 +190,25 @@ def _gather_stat(stat: Tensor, idx: Tensor) -> Tensor:
     return stat.gather(2, full)
 
 
+def position_order(valid: Tensor, positions: Tensor) -> Tensor:
+    """``[B, H, T]`` slot indices of each head sorted by position, valid slots first (stable).
+
+    Slots are not always stored in position order: an in-place eviction during decoding moves the
+    newest slots into the evicted ones' places (``docs/architecture.md``, "In-place eviction").
+    Code that reasons about "older" and "newer" slots goes through this order, never through slot
+    indices."""
+    big = torch.iinfo(torch.long).max
+    return torch.where(valid, positions.long(), big).argsort(dim=-1, stable=True)
+
+
+def position_rank(valid: Tensor, positions: Tensor) -> Tensor:
+    """``[B, H, T]`` rank of every slot by position among the valid slots of its head (0 for the
+    oldest content token, wherever it is stored); invalid slots rank after the valid ones."""
+    order = position_order(valid, positions)
+    ar = torch.arange(valid.shape[-1], device=valid.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ar)
+
+
 def true_slots_first(mask: Tensor) -> Tensor:
     """``[..., T]`` the slot indices where ``mask`` is true, ascending, then the other indices
     ascending, stored as ``index + T`` (so ``< T`` tells the two apart).
@@ -199,3 +218,34 @@ def true_slots_first(mask: Tensor) -> Tensor:
     t = mask.shape[-1]
     ar = torch.arange(t, device=mask.device)
     return torch.where(mask, ar, ar + t).sort(dim=-1).values
+
+
+@dataclass
+class Eviction:
+    """An in-place compression of one layer: what changes, not the whole result.
+
+    A decode-time compressor that drops a few slots per step returns this instead of a new
+    :class:`SlotState` (``docs/architecture.md``, "In-place eviction"): the store overwrites the
+    ``evict`` slots' validity and writes the ``targets`` (the kept slots a merge changed, or that a
+    merge read) with ``updated``, so a step moves O(evicted + targets) slots, never the layer.
+
+    Attributes
+    ----------
+    evict, evict_valid:
+        ``[B, H, E]`` slot indices that stop holding content (``evict_valid`` false: padding).
+    targets, targets_valid:
+        ``[B, H, U]`` slot indices of kept slots whose contents are rewritten.
+    updated:
+        ``[B, H, U]`` slots: the new keys, values, positions, log-weights and statistics of
+        ``targets`` (entries with ``targets_valid`` false are ignored).
+    stats:
+        The layer's per-slot statistics after the firing's ``observe`` calls (``[B, H, T, ...]``
+        each), which the store takes over (evicted entries zeroed, targets' entries updated).
+    """
+
+    evict: Tensor
+    evict_valid: Tensor
+    targets: Tensor
+    targets_valid: Tensor
+    updated: SlotState
+    stats: dict[str, Tensor] = field(default_factory=dict)

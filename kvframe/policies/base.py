@@ -41,6 +41,18 @@ class Policy:
     stats: ClassVar[tuple[str, ...]] = ()
     #: Per-slot statistics the policy keeps itself, in :meth:`observe`.
     provides: ClassVar[tuple[str, ...]] = ()
+    #: True if the policy sees slots only through their contents and positions, never through where
+    #: they are stored: it gives the same result on any permutation of the slots. A compressor whose
+    #: policies all are may evict in place during decoding, which stores slots out of position
+    #: order (``docs/architecture.md``, "In-place eviction").
+    order_free: ClassVar[bool] = False
+
+    def in_place_reach(self) -> int | None:
+        """For a key or value merge: the kept slots its result for a kept slot depends on, besides
+        that slot and the slots folded into it: the ``r`` kept slots that follow each dropped slot
+        by position (``0``: none). ``None`` (the default): the merge must see the whole layer, so
+        its compressor never evicts in place."""
+        return None
 
     def observe(self, state: SlotState, ctx: CompressionContext) -> SlotState:
         """Update statistics this policy keeps; called every time the trigger fires, before the
@@ -259,6 +271,7 @@ class ValueMerge(Policy):
 
 class BudgetSchedule(Policy):
     kind: ClassVar[str] = "schedule"
+    order_free: ClassVar[bool] = True  # budgets come from counts, never from slots
 
     def budgets(self, budget: float | int, content: Tensor, ctx: CompressionContext) -> Tensor:  # pragma: no cover
         """``[B, H]`` slots to keep per row and head, given ``content`` ``[B, H]`` content slots."""
@@ -275,6 +288,7 @@ class Trigger(Policy):
     """
 
     kind: ClassVar[str] = "trigger"
+    order_free: ClassVar[bool] = True  # triggers see event counts, never slots
     #: False for triggers that can never fire (no compression): budgets are then irrelevant.
     ever_fires: ClassVar[bool] = True
     #: Prefill chunk length (tokens) or None for one-shot prefill.

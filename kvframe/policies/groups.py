@@ -11,26 +11,39 @@ import torch
 from torch import Tensor
 
 from kvframe.policies.base import Selection
-from kvframe.slots import true_slots_first
+from kvframe.slots import position_order, position_rank, true_slots_first
 
-__all__ = ["fold_right", "group_amax", "group_sum", "kept_assign", "protected_mask", "true_slots_first", "valid_rank"]
+__all__ = [
+    "fold_right",
+    "group_amax",
+    "group_sum",
+    "kept_assign",
+    "position_order",
+    "position_rank",
+    "protected_mask",
+    "true_slots_first",
+    "valid_rank",
+]
 
 
-def valid_rank(valid: Tensor) -> tuple[Tensor, Tensor]:
+def valid_rank(valid: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(rank, rank_from_end)`` of every slot among the valid slots of its head (0-based).
 
-    Slots are stored in position order, so rank 0 is the oldest content token. Invalid slots get
-    ranks too (meaningless); mask them with ``valid``.
+    With ``positions``, ranks follow positions (rank 0 is the oldest content token wherever it is
+    stored); without, they follow slot order, for states known to be in position order (a chunked
+    prefill's). Invalid slots get ranks too (meaningless); mask them with ``valid``.
     """
-    csum = torch.cumsum(valid.long(), dim=-1)
-    rank = csum - 1
-    rank_end = csum[..., -1:] - csum
-    return rank, rank_end
+    if positions is None:
+        csum = torch.cumsum(valid.long(), dim=-1)
+        return csum - 1, csum[..., -1:] - csum
+    rank = position_rank(valid, positions)
+    return rank, valid.sum(-1, keepdim=True) - 1 - rank
 
 
-def protected_mask(valid: Tensor, n_sink: int, n_recent: Tensor | int) -> Tensor:
-    """``[B, H, T]`` true for the first ``n_sink`` and the last ``n_recent`` valid slots of each head."""
-    rank, rank_end = valid_rank(valid)
+def protected_mask(valid: Tensor, n_sink: int, n_recent: Tensor | int, positions: Tensor | None = None) -> Tensor:
+    """``[B, H, T]`` true for the first ``n_sink`` and the last ``n_recent`` valid slots of each head
+    (by position when ``positions`` is given, else by slot order)."""
+    rank, rank_end = valid_rank(valid, positions)
     if isinstance(n_recent, Tensor):
         n_recent = n_recent[..., None]
     return valid & ((rank < n_sink) | (rank_end < n_recent))
@@ -67,15 +80,22 @@ def kept_assign(keep: Tensor, keep_valid: Tensor, num_slots: int) -> Tensor:
     return assign
 
 
-def fold_right(selection: Selection, valid: Tensor) -> Selection:
+def fold_right(selection: Selection, valid: Tensor, positions: Tensor | None = None) -> Selection:
     """Fold every dropped valid slot into the next kept slot to its right (WeightedKV, CaM-style
-    neighbours). Dropped slots after the last kept slot of their head stay dropped."""
+    neighbours). Dropped slots after the last kept slot of their head stay dropped. "Right" is by
+    position when ``positions`` is given (slots may be stored out of order), else by slot order."""
     t = valid.shape[-1]
     assign = kept_assign(selection.keep, selection.keep_valid, t)
-    kept = assign >= 0
-    # index of the next kept slot at or after each position: reverse cumulative minimum
+    order = None if positions is None else position_order(valid, positions)
+    a = assign if order is None else assign.gather(-1, order)
+    v = valid if order is None else valid.gather(-1, order)
+    kept = a >= 0
+    # the next kept slot at or after each (sorted) slot: reverse cumulative minimum of its index
     big = torch.iinfo(torch.long).max
-    nxt = torch.where(kept, assign, big).flip(-1).cummin(dim=-1).values.flip(-1)
-    folded = torch.where(valid & ~kept & (nxt != big), nxt, -1)
-    assign = torch.where(kept, assign, folded)
-    return Selection(selection.keep, selection.keep_valid, assign=assign, weight=selection.weight)
+    ar = torch.arange(t, device=valid.device).expand_as(a)
+    nxt = torch.where(kept, ar, big).flip(-1).cummin(dim=-1).values.flip(-1)
+    folded = torch.where(v & ~kept & (nxt != big), a.gather(-1, nxt.clamp(max=t - 1)), -1)
+    a = torch.where(kept, a, folded)
+    if order is not None:
+        a = torch.empty_like(a).scatter_(-1, order, a)
+    return Selection(selection.keep, selection.keep_valid, assign=a, weight=selection.weight)

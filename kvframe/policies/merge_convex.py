@@ -49,6 +49,10 @@ class ConvexValueMerge(ValueMerge):
     weights: SlotWeights = "mean_attention"
 
     stats = ("attn", "age")
+    order_free = True
+
+    def in_place_reach(self) -> int:
+        return 0  # a kept slot's value depends on its own group only
 
     def slot_weights(self, state: SlotState) -> Tensor:
         if self.weights == "uniform":

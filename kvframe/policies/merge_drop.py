@@ -14,6 +14,11 @@ from kvframe.slots import SlotState
 @register("key_merge", "drop")
 @dataclass
 class DropKeys(KeyMerge):
+    order_free = True
+
+    def in_place_reach(self) -> int:
+        return 0  # a kept slot keeps its own key and value
+
     def merge(self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext) -> MergedKeys:
         return MergedKeys(kept.keys)
 
@@ -21,6 +26,11 @@ class DropKeys(KeyMerge):
 @register("value_merge", "drop")
 @dataclass
 class DropValues(ValueMerge):
+    order_free = True
+
+    def in_place_reach(self) -> int:
+        return 0  # a kept slot keeps its own key and value
+
     def merge(
         self, state: SlotState, selection: Selection, kept: SlotState, ctx: CompressionContext
     ) -> tuple[Tensor, Tensor]:

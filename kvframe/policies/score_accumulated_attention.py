@@ -52,6 +52,7 @@ class AccumulatedAttentionScorer(Scorer):
     average: bool = False
 
     stats = ("attn", "age")
+    order_free = True
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         attn = state.stats.get("attn")
@@ -59,5 +60,5 @@ class AccumulatedAttentionScorer(Scorer):
             attn = torch.zeros_like(state.log_weights)
         score = attn / state.stats["age"].clamp(min=1.0) if self.average and "age" in state.stats else attn.clone()
         n_recent = recent_count(self.recent, self.n_sink, ctx.budgets, state.content_slots())
-        protect = protected_mask(state.valid, self.n_sink, n_recent)
+        protect = protected_mask(state.valid, self.n_sink, n_recent, state.positions)
         return score.float().masked_fill(protect, float("inf"))

@@ -20,5 +20,7 @@ from kvframe.slots import SlotState
 @register("scorer", "knorm")
 @dataclass
 class KNormScorer(Scorer):
+    order_free = True
+
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         return -state.keys.float().norm(dim=-1)

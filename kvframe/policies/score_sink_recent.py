@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-import torch
 from torch import Tensor
 
 from kvframe.policies.base import CompressionContext, Scorer
 from kvframe.policies.contracts import Ge
+from kvframe.policies.groups import valid_rank
 from kvframe.registry import register
 from kvframe.slots import SlotState
 
@@ -24,8 +24,10 @@ from kvframe.slots import SlotState
 class SinkRecentScorer(Scorer):
     n_sink: Annotated[int, Ge(0)] = 4
 
+    order_free = True
+
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         score = state.positions.float()
-        rank = torch.cumsum(state.valid.long(), dim=-1)  # slots are stored in position order
-        sink = state.valid & (rank <= self.n_sink)
+        rank, _ = valid_rank(state.valid, state.positions)  # by position: slots may be stored out of order
+        sink = state.valid & (rank < self.n_sink)
         return score.masked_fill(sink, float("inf"))

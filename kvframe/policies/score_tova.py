@@ -19,6 +19,7 @@ from kvframe.slots import SlotState
 @dataclass
 class TOVAScorer(Scorer):
     needs_queries = True
+    order_free = True
 
     def score(self, state: SlotState, ctx: CompressionContext) -> Tensor:
         rows = ctx.window_scores(state, 1, who="tova")  # [B, H, T]: the last query's attention, mean over G

@@ -43,6 +43,8 @@ class AdaptiveHeadsSelector(Selector):
     alpha: Annotated[float, Interval(0, 1)] = 0.2
     fold: Fold = "none"
 
+    order_free = True
+
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         b, h, t = scores.shape
         valid = state.valid
@@ -65,4 +67,4 @@ class AdaptiveHeadsSelector(Selector):
             joint.scatter_(-1, top, ok)
             chosen |= joint.reshape(b, h, t) & eligible
         sel = keep_mask_to_selection(chosen)
-        return fold_right(sel, valid) if self.fold == "right" else sel
+        return fold_right(sel, valid, state.positions) if self.fold == "right" else sel

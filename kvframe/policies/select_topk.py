@@ -53,8 +53,10 @@ def topk_mask(scores: Tensor, budgets: Tensor, valid: Tensor) -> Tensor:
 class TopKSelector(Selector):
     fold: Fold = "none"
 
+    order_free = True  # top-k is by score; folding goes right by position
+
     def select(self, scores: Tensor, budgets: Tensor, state: SlotState, ctx: CompressionContext) -> Selection:
         sel = keep_mask_to_selection(topk_mask(scores, budgets, state.valid))
         if self.fold == "right":
-            sel = fold_right(sel, state.valid)
+            sel = fold_right(sel, state.valid, state.positions)
         return sel
