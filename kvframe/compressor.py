@@ -21,14 +21,18 @@ from kvframe.policies.base import (
     KeyMerge,
     MergedKeys,
     Scorer,
+    Selection,
     Selector,
     Trigger,
     ValueMerge,
 )
 from kvframe.policies.budgets import check_budget
-from kvframe.slots import SlotState
+from kvframe.slots import Eviction, SlotState, true_slots_first
 
 POSITION_MODES = ("original", "reindex")
+#: Most slots per row and head an in-place eviction drops; a firing that drops more (the first one
+#: after the prompt) compresses densely.
+IN_PLACE_MAX = 8
 COMPILE_OPTIONS = ("backend", "mode", "dynamic")
 
 
@@ -106,7 +110,7 @@ class Compressor:
     compile: bool | str | dict[str, Any] = "auto"
     name: str | None = None
     spec: dict[str, Any] = field(default_factory=dict, repr=False)
-    _compiled: Callable[..., Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _compiled: dict[str, Callable[..., Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.budget = check_budget(self.budget)
@@ -125,7 +129,7 @@ class Compressor:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_compiled"] = None  # compiled code is per process
+        state["_compiled"] = {}  # compiled code is per process
         return state
 
     def compiles_on(self, device: torch.device) -> bool:
@@ -134,22 +138,22 @@ class Compressor:
             return device.type == "cuda"
         return self.compile is not False
 
-    def _compiled_step(self) -> Callable[..., Any]:
-        if self._compiled is None:
+    def _compiled_step(self, which: str = "_step_eager") -> Callable[..., Any]:
+        if which not in self._compiled:
             opts = dict(self.compile) if isinstance(self.compile, dict) else {}
             # torch.compile caches compiled frames on the function's code object, with a limit on
             # how many variants one code object may hold. Give each compressor its own code object so
             # that many compressors in one process (an eval grid) never evict or exhaust each other's.
-            base = Compressor._step_eager
-            code = base.__code__.replace(co_name=f"compress_step_{self.name or 'compressor'}_{id(self):x}")
+            base = getattr(Compressor, which)
+            code = base.__code__.replace(co_name=f"compress{which.removesuffix('_eager')}_{self.name or 'compressor'}_{id(self):x}")
             fn = types.FunctionType(code, base.__globals__, code.co_name, base.__defaults__, base.__closure__)
-            self._compiled = torch.compile(
+            self._compiled[which] = torch.compile(
                 types.MethodType(fn, self),
                 backend=opts.get("backend", "inductor"),
                 mode=opts.get("mode"),
                 dynamic=opts.get("dynamic", True),
             )
-        return self._compiled
+        return self._compiled[which]
 
     def _check_stats(self) -> None:
         """Every statistic a policy reads must be kept by someone (fail at build time, not mid-run)."""
@@ -218,12 +222,31 @@ class Compressor:
         """Compress one layer's slots. Returns ``state`` itself when nothing would change."""
         return self.compress_step(state, ctx)[0]
 
-    def compress_step(self, state: SlotState, ctx: CompressionContext) -> tuple[SlotState, bool]:
+    @property
+    def evicts_in_place(self) -> bool:
+        """Whether decode-time firings may evict in place (:class:`~kvframe.slots.Eviction`): every
+        policy is order-free and both merges declare their reach (``docs/architecture.md``,
+        "In-place eviction")."""
+        return (
+            all(p.order_free for p in self.policies)
+            and self.key_merge.in_place_reach() is not None
+            and self.value_merge.in_place_reach() is not None
+        )
+
+    def compress_step(
+        self, state: SlotState, ctx: CompressionContext, in_place: bool = False
+    ) -> tuple[SlotState | Eviction, bool]:
         """One trigger firing: let policies update their statistics, then compress if the budget
-        requires it. Returns ``(state, compressed)``. Runs compiled or eager per ``compile``."""
+        requires it. Returns ``(state, compressed)``. Runs compiled or eager per ``compile``.
+
+        With ``in_place`` (a slot store that can apply it), a decode-time firing of a compressor
+        that :attr:`evicts_in_place` and drops at most :data:`IN_PLACE_MAX` slots per head returns
+        an :class:`~kvframe.slots.Eviction` (what changes) instead of the compressed state; the
+        kept slots, their contents and positions are exactly those of the dense compression."""
+        which = "_evict_step_eager" if in_place and ctx.phase == "decode" and self.evicts_in_place else "_step_eager"
         if self.compiles_on(state.keys.device):
-            return self._compiled_step()(state, ctx)
-        return self._step_eager(state, ctx)
+            return self._compiled_step(which)(state, ctx)
+        return getattr(self, which)(state, ctx)
 
     def _step_eager(self, state: SlotState, ctx: CompressionContext) -> tuple[SlotState, bool]:
         for pol in self.policies:
@@ -233,6 +256,76 @@ class Compressor:
         if not self.selector.needs_compression(budgets, state, ctx):
             return state, False
         return self._compress(state, ctx, budgets), True
+
+    def _evict_step_eager(self, state: SlotState, ctx: CompressionContext) -> tuple[SlotState | Eviction, bool]:
+        for pol in self.policies:
+            state = pol.observe(state, ctx)
+        budgets = self.budgets(state, ctx)
+        ctx.budgets = budgets
+        drop = int((state.content_slots() - budgets).max()) if budgets.numel() else 0
+        if drop <= 0:  # full up to the capacity: nothing to evict (holes of other heads stay holes)
+            return state, False
+        if drop > IN_PLACE_MAX:
+            return self._compress(state, ctx, budgets), True
+        selection = self.selector.select(self._scores(state, ctx), budgets, state, ctx)
+        return self._eviction(state, ctx, selection), True
+
+    def _eviction(self, state: SlotState, ctx: CompressionContext, selection: Selection) -> Eviction:
+        """``selection`` as an in-place change: the dropped slots, and the merges run on a small
+        sub-state (the dropped slots and the kept slots the merges reach), whose kept part is
+        written back over the same slots."""
+        b, h, t = state.valid.shape
+        dev = state.valid.device
+        big = torch.iinfo(torch.long).max
+        keep_idx = torch.where(selection.keep_valid, selection.keep, t)
+        kept_mask = torch.zeros(b, h, t + 1, dtype=torch.bool, device=dev).scatter_(-1, keep_idx, True)[..., :t] & state.valid
+        evicted = state.valid & ~kept_mask
+        e = max(int(evicted.sum(-1).max()), 1)
+        ev = true_slots_first(evicted)[..., :e]
+        ev_ok = ev < t
+        ev = torch.where(ev_ok, ev, 0)
+        # the kept slots the merges see: fold targets, and the next `reach` kept slots by position
+        cands: list[torch.Tensor] = []
+        oks: list[torch.Tensor] = []
+        folded = None
+        if selection.assign is not None:
+            folded = selection.assign.gather(-1, ev)
+            cands.append(selection.keep.gather(-1, folded.clamp(min=0)))
+            oks.append(ev_ok & (folded >= 0))
+        reach = max(self.key_merge.in_place_reach() or 0, self.value_merge.in_place_reach() or 0)
+        if reach > 0:
+            pos = state.positions
+            ev_pos = pos.gather(-1, ev)
+            after = kept_mask[:, :, None, :] & (pos[:, :, None, :] > ev_pos[..., None])  # [B, H, E, T]
+            val, idx = torch.where(after, pos[:, :, None, :], big).topk(min(reach, t), dim=-1, largest=False)
+            cands.append(idx.flatten(2))
+            oks.append(((val != big) & ev_ok[..., None]).flatten(2))
+        no_targets = torch.zeros(b, h, 0, dtype=torch.long, device=dev)
+        if not cands:
+            return Eviction(ev, ev_ok, no_targets, no_targets.bool(), state.slice(0), state.stats)
+        srt = torch.where(torch.cat(oks, -1), torch.cat(cands, -1), big).sort(dim=-1).values
+        uniq = srt != big
+        uniq[..., 1:] &= srt[..., 1:] != srt[..., :-1]
+        u = int(uniq.sum(-1).max())
+        if u == 0:
+            return Eviction(ev, ev_ok, no_targets, no_targets.bool(), state.slice(0), state.stats)
+        order = true_slots_first(uniq)[..., :u]
+        tg_ok = order < srt.shape[-1]
+        tg = torch.where(tg_ok, srt.gather(-1, order.clamp(max=srt.shape[-1] - 1)), 0)
+        # the sub-state: targets first (its kept part), then the dropped slots
+        sub = state.gather(torch.cat([tg, ev], -1), torch.cat([tg_ok, ev_ok], -1))
+        ar = torch.arange(u, device=dev).expand(b, h, u)
+        assign = None
+        if folded is not None:
+            slot = selection.keep.gather(-1, folded.clamp(min=0))
+            match = (tg[..., None, :] == slot[..., None]) & tg_ok[..., None, :]  # [B, H, E, U]
+            ev_assign = torch.where(ev_ok & (folded >= 0) & match.any(-1), match.int().argmax(-1), -1)
+            assign = torch.cat([torch.where(tg_ok, ar, -1), ev_assign], -1)
+        weight = None
+        if selection.weight is not None:
+            weight = selection.weight.gather(-1, torch.cat([tg, ev], -1))
+        sub_sel = Selection(keep=ar.contiguous(), keep_valid=tg_ok, assign=assign, weight=weight)
+        return Eviction(ev, ev_ok, tg, tg_ok, self._merge(sub, ctx, sub_sel), state.stats)
 
     def _scores(self, state: SlotState, ctx: CompressionContext) -> torch.Tensor | None:
         """The scorer's ``[B, H, T]`` float32 scores, or ``None`` without a scorer (allowed only for
@@ -249,7 +342,10 @@ class Compressor:
         return scores
 
     def _compress(self, state: SlotState, ctx: CompressionContext, budgets: torch.Tensor) -> SlotState:
-        selection = self.selector.select(self._scores(state, ctx), budgets, state, ctx)
+        return self._merge(state, ctx, self.selector.select(self._scores(state, ctx), budgets, state, ctx))
+
+    def _merge(self, state: SlotState, ctx: CompressionContext, selection: Selection) -> SlotState:
+        """The kept slots of ``selection``, with merged keys, values, positions and statistics."""
         kept = state.gather(selection.keep, selection.keep_valid)
         if selection.assign is not None:
             # a merged slot sits at the position of the last token folded into it

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kvframe.cache import SlotCache, SlotLayer
 from kvframe.policies.base import CompressionContext, TriggerEvent
-from kvframe.slots import INVALID_POSITION, SlotState
+from kvframe.slots import INVALID_POSITION, Eviction, SlotState, position_rank, true_slots_first
 from kvframe.stats import attention_mass
 
 
@@ -63,15 +63,38 @@ def finalize_new_slots(
     return state, new_pos
 
 
+def _reindexed_positions(state: SlotState) -> tuple[Tensor, Tensor]:
+    """Each head's content slots renumbered ``0..n-1`` in position order (slots may be stored out of
+    order), and the rotation ``delta`` every slot's key needs."""
+    new_pos = torch.where(state.valid, position_rank(state.valid, state.positions), INVALID_POSITION)
+    return new_pos, torch.where(state.valid, new_pos - state.positions, 0)
+
+
 def _reindex(cache: SlotCache, layer_idx: int, state: SlotState, next_position: Tensor) -> tuple[SlotState, Tensor]:
     """Renumber each head's content slots ``0..n-1`` (keys re-rotated); returns the state and shift."""
-    new_pos = torch.cumsum(state.valid.long(), dim=-1) - 1
-    new_pos = torch.where(state.valid, new_pos, INVALID_POSITION)
-    delta = torch.where(state.valid, new_pos - state.positions, 0)
+    new_pos, delta = _reindexed_positions(state)
     keys = cache.rope.rotate(state.keys, delta, layer_idx)
     n = state.valid.sum(-1)  # [B, H]
     shift = next_position[:, None] - n
     return state.replace(keys=keys, positions=new_pos), shift
+
+
+def _reindex_in_place(cache: SlotCache, layer: SlotLayer, layer_idx: int) -> None:
+    """:func:`_reindex` on the store itself: only the keys whose position changes are re-rotated
+    and rewritten (after a StreamingLLM eviction: the slots newer than the evicted one)."""
+    state = layer.store.view()
+    assert state is not None and layer.next_position is not None
+    new_pos, delta = _reindexed_positions(state)
+    changed = delta != 0
+    m = int(changed.sum(-1).max()) if changed.numel() else 0
+    if m:
+        idx = true_slots_first(changed)[..., :m]
+        ok = idx < state.num_slots
+        idx = torch.where(ok, idx, 0)
+        keys = state.keys.gather(2, idx[..., None].expand(-1, -1, -1, state.keys.shape[-1]))
+        keys = cache.rope.rotate(keys, delta.gather(-1, idx), layer_idx)
+        layer.store.rewrite(idx, ok, keys=keys, positions=new_pos)
+    layer.shift = layer.next_position[:, None] - state.valid.sum(-1)
 
 
 def record_scoring_pass(
@@ -135,16 +158,21 @@ def apply_compression(cache: SlotCache, layer: SlotLayer, layer_idx: int, ctx: C
     # forward (it would only break the graph; the traced code runs later, untimed)
     timed = not torch.compiler.is_compiling()
     t0 = time.perf_counter() if timed else 0.0
-    new_state, compressed = comp.compress_step(state, ctx)
+    new_state, compressed = comp.compress_step(state, ctx, in_place=not layer.in_scratch)
+    if isinstance(new_state, Eviction):  # decode-time: evict in place, O(evicted) slots moved
+        layer.store.evict(new_state)
+        if comp.positions == "reindex":
+            _reindex_in_place(cache, layer, layer_idx)
+    else:
+        if compressed and comp.positions == "reindex":
+            assert layer.next_position is not None
+            new_state, layer.shift = _reindex(cache, layer_idx, new_state, layer.next_position)
+        layer.state = new_state
     if timed:
         cache.compression_seconds += time.perf_counter() - t0
     if compressed:
-        if comp.positions == "reindex":
-            assert layer.next_position is not None
-            new_state, layer.shift = _reindex(cache, layer_idx, new_state, layer.next_position)
         layer.plain = False
         layer.heads_uniform = False
-    layer.state = new_state
     layer.compressions += 1
 
 

@@ -72,16 +72,17 @@ def attention_mass(
             qpos = qpos[:, None, :]  # [B, 1 or H, Q]
         mass = torch.zeros(b, h, t, device=query.device)
         seen = torch.zeros(b, valid.shape[1], t, device=query.device)
-        # slots are stored in position order: a chunk of queries sees no slot past the last one at or
-        # before its largest position, so each chunk only touches a prefix of the slots
+        # a chunk of queries sees no slot after the last one (by index) at or before its largest
+        # position, so each chunk only touches a prefix of the slots (a chunked prefill's early
+        # chunks skip the later ones; slots need not be stored in position order for this)
         last_pos = torch.where(valid, pos, -1)
+        idx1 = torch.arange(1, t + 1, device=query.device)
         for s in range(0, nq, chunk):
             e = min(nq, s + chunk)
             w = e - s
             qp = qpos[:, :, s:e]  # [B, H'', w]
-            over = last_pos > qp.max()  # [B, H', T]: slots no query of this chunk can see
-            first_over = torch.where(over.any(-1), over.long().argmax(-1), t)
-            cut = max(1, min(t, int(first_over.max())))
+            seeable = (last_pos >= 0) & (last_pos <= qp.max())  # [B, H', T]
+            cut = t if w == nq and nq <= 4 else max(1, int((idx1 * seeable).max()))
             vis = valid[:, :, None, :cut] & (pos[:, :, None, :cut] <= qp[..., None])  # [B, H', w, cut]
             if sliding_window is not None:
                 vis = vis & (qp[..., None] - pos[:, :, None, :cut] < sliding_window)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from kvframe.codecs import Codec, FpCodec
-from kvframe.slots import SlotState
+from kvframe.slots import INVALID_POSITION, Eviction, SlotState
 
 #: Buffers grow by this fraction of their capacity (at least :data:`MIN_GROWTH` slots).
 GROWTH = 0.25
@@ -212,6 +212,126 @@ class SlotStore:
             self.copied_slots += m
         self.stats = dict(state.stats)
         self.n = m
+        self._view = None
+
+    def _own(self) -> None:
+        """Copy shared buffers before writing into them (copy-on-write)."""
+        if self.shared:
+            self._allocate(self.parts, self.capacity, self.n)
+
+    @staticmethod
+    def _scatter(t: Tensor, index: Tensor, src: Tensor) -> None:
+        """``t[b, h, index[b, h, j]] = src[b, h, j]`` along the slot axis, in place."""
+        idx = index.reshape(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
+        t.scatter_(2, idx, src.to(t.dtype))
+
+    @staticmethod
+    def _fill(index: Tensor, index_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Write indices without duplicates of different values: padding entries (``index_valid``
+        false, after the real ones) repeat a head's first entry, and ``src`` index 0."""
+        first = index[..., :1].expand_as(index)
+        dst = torch.where(index_valid, index, first)
+        src = torch.where(index_valid, torch.arange(index.shape[-1], device=index.device), 0)
+        return dst, src
+
+    def _put(self, index: Tensor, index_valid: Tensor, slots: SlotState, stats: dict[str, Tensor]) -> None:
+        """Write ``slots`` ``[B, H, U]`` over the slots at ``index`` (where ``index_valid``; padding
+        entries come after a head's real ones), in place; their statistics into ``stats``. A head
+        with no real entry rewrites its slot ``index[..., 0]`` with its own contents."""
+        dst, src = self._fill(index, index_valid)
+        any_ok = index_valid[..., :1]
+        for k, t in self._encode(slots).items():
+            buf = self.parts[k]
+            new = self._gather(t, src)
+            keep = self._gather(buf, dst)
+            self._scatter(buf, dst, torch.where(self._bcast(any_ok, new), new.to(buf.dtype), keep))
+        for k, v in slots.stats.items():
+            if k in stats:
+                new = self._gather(v, src)
+                self._scatter(stats[k], dst, torch.where(self._bcast(any_ok, new), new.to(stats[k].dtype), self._gather(stats[k], dst)))
+
+    @staticmethod
+    def _gather(t: Tensor, index: Tensor) -> Tensor:
+        idx = index.reshape(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
+        return t.gather(2, idx)
+
+    @staticmethod
+    def _bcast(mask: Tensor, like: Tensor) -> Tensor:
+        return mask.reshape(*mask.shape, *([1] * (like.dim() - 3)))
+
+    def rewrite(self, index: Tensor, index_valid: Tensor, keys: Tensor | None = None, positions: Tensor | None = None) -> None:
+        """Overwrite the keys ``[B, H, U, D]`` of the slots at ``index`` (padding entries after a
+        head's real ones) and (optionally) every held slot's positions ``[B, H, n]``, in place (a
+        re-index: re-rotated keys, renumbered positions)."""
+        self._own()
+        if keys is not None and index.shape[-1]:
+            dst, src = self._fill(index, index_valid)
+            any_ok = index_valid[..., :1]
+            for k, t in self.codec.parts(keys).items():
+                buf = self.parts[f"keys.{k}"]
+                new = self._gather(t, src)
+                self._scatter(buf, dst, torch.where(self._bcast(any_ok, new), new.to(buf.dtype), self._gather(buf, dst)))
+            self.copied_slots += index.shape[-1]
+        if positions is not None:
+            self.parts["positions"][:, :, : self.n].copy_(positions)
+        self._view = None
+
+    def evict(self, ev: Eviction) -> None:
+        """Apply an in-place eviction (``docs/architecture.md``, "In-place eviction").
+
+        The targets are overwritten with their merged contents, the evicted slots marked empty, and
+        the store shrinks to the most content slots a head now holds: each head's valid slots past
+        that length move into its first empty slots. Moves O(evicted + targets) slots (what
+        ``copied_slots`` counts: at most targets + moved per row and head); slots stop being in
+        position order (positions stay exact). No host synchronisation but the new length."""
+        self._own()
+        n = self.n
+        stats = {k: v.clone() for k, v in ev.stats.items()}  # small [B, H, n] bookkeeping
+        u = ev.targets.shape[-1]
+        if u:
+            self._put(ev.targets, ev.targets_valid, ev.updated, stats)
+        if ev.evict.shape[-1] == 1 and n > 1 and bool(ev.evict_valid.all()) and bool(self.parts["valid"][:, :, :n].all()):
+            self._evict_one(ev.evict, stats)
+            self.copied_slots += u + 1
+            return
+        # the evicted slots become empty (padding entries repeat a head's first evicted slot)
+        dst, _ = self._fill(ev.evict, ev.evict_valid)
+        any_ev = ev.evict_valid[..., :1].expand_as(dst)
+        for k, empty_value in (("valid", False), ("positions", INVALID_POSITION), ("log_weights", 0.0)):
+            buf = self.parts[k]
+            self._scatter(buf, dst, torch.where(any_ev, torch.full_like(dst, empty_value, dtype=buf.dtype), buf.gather(2, dst)))
+        for v in stats.values():
+            self._scatter(v, dst, torch.where(self._bcast(any_ev, self._gather(v, dst)), 0, self._gather(v, dst)))
+        valid = self.parts["valid"][:, :, :n]
+        new_n = int(valid.sum(-1).max()) if valid.numel() else 0
+        w = n - new_n
+        if w > 0 and new_n > 0:
+            tail = valid[:, :, new_n:]
+            empty = ~valid[:, :, :new_n]
+            rank = empty.long().cumsum(-1) - 1
+            ar = torch.arange(new_n, device=valid.device).expand_as(rank)
+            holes = torch.zeros(*valid.shape[:2], w + 1, dtype=torch.long, device=valid.device)
+            holes.scatter_(-1, torch.where(empty & (rank < w), rank, w), ar)  # j-th empty slot of each head
+            mover_rank = (tail.long().cumsum(-1) - 1).clamp(min=0)
+            src = (new_n + torch.arange(w, device=valid.device)).expand_as(tail)
+            # a valid tail slot moves into its head's next empty slot; the others rewrite themselves
+            dst = torch.where(tail, holes.gather(-1, mover_rank), src)
+            for t in (*self.parts.values(), *stats.values()):
+                self._scatter(t, dst, self._gather(t, src))
+        self.copied_slots += u + max(w, 0)
+        self.n = new_n
+        self.stats = {k: v[:, :, :new_n] for k, v in stats.items()}
+        self._view = None
+
+    def _evict_one(self, ev: Tensor, stats: dict[str, Tensor]) -> None:
+        """The steady state of a decode-time method: every head of a store without empty slots
+        drops one slot ``ev`` ``[B, H, 1]``; its last slot moves into the hole (few ops, no sync)."""
+        n = self.n
+        for t in (*self.parts.values(), *stats.values()):
+            # the last slot of each head moves into its evicted slot (onto itself if it is the one)
+            self._scatter(t, ev, t[:, :, n - 1 : n].clone())
+        self.n = n - 1
+        self.stats = {k: v[:, :, : n - 1] for k, v in stats.items()}
         self._view = None
 
     def truncate(self, n: int, stats: dict[str, Tensor] | None = None) -> None:

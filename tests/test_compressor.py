@@ -84,7 +84,7 @@ def test_eager_switch_and_auto():
     assert kvframe.build("snapkv", compile=True).compiles_on(torch.device("cpu"))
     # eager runs never touch torch.compile
     _run(comp, _inputs(50))
-    assert comp._compiled is None
+    assert not comp._compiled
     assert kvframe.build("snapkv", compile={"backend": "aot_eager", "mode": None}).to_dict()["compile"] == {
         "backend": "aot_eager",
         "mode": None,
@@ -119,9 +119,9 @@ def test_compressor_pickles_without_compiled_code():
 
     comp = kvframe.build("knorm", compile={"backend": "aot_eager"})
     _run(comp, _inputs(40))
-    assert comp._compiled is not None
+    assert comp._compiled
     clone = pickle.loads(pickle.dumps(comp))
-    assert clone._compiled is None and clone.compile == {"backend": "aot_eager"}
+    assert not clone._compiled and clone.compile == {"backend": "aot_eager"}
 
 
 @pytest.mark.parametrize("name", ["snapkv", "weightedkv", "kvslimmer"])

@@ -184,9 +184,9 @@ def test_the_context_is_prefilled_and_compressed_once(model, data, name):
     embedded: list[int] = []
     real_step = comp.compress_step
 
-    def counting_step(state, c):
+    def counting_step(state, c, **kw):
         firings[c.phase] += 1
-        return real_step(state, c)
+        return real_step(state, c, **kw)
 
     comp.compress_step = counting_step
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].shape[1]))
