@@ -24,8 +24,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvframe.cache import ACTIVE_UPDATE, SlotCache, SlotLayer
 from kvframe.errors import UnsupportedModelError
 from kvframe.kernels.decode import DECODE_MAX_QUERIES, slot_attention_reference, slot_decode_attention
-from kvframe.layer_pass import after_attention, finalize_new_slots, record_scoring_pass
+from kvframe.kernels import use_triton
+from kvframe.layer_pass import after_attention, finalize_new_slots, record_scoring_pass, wants_attention_stats
 from kvframe.slots import SlotState
+from kvframe.stats import decode_attention_with_mass
 
 ATTENTION_NAME = "kvframe"
 
@@ -155,8 +157,21 @@ def kvframe_attention(
     else:
         attn_qpos = qpos
 
+    measured = None
     if layer.plain and q in (1, state.num_slots) and (window is None or state.num_slots <= window):
         out, _ = sdpa_attention_forward(module, query, state.keys, state.values, None, dropout=0.0, scaling=scaling)
+    elif (
+        q == 1
+        and not cache.scoring
+        and not use_triton(query)
+        and not (torch.is_grad_enabled() and (query.requires_grad or state.keys.requires_grad))
+        and (wants_attention_stats(cache) or cache.compressor.needs_queries)
+    ):
+        # a decode step whose compressor reads attention statistics or the query's attention
+        # (TOVA): one softmax for the output and for them
+        out, mass, seen = decode_attention_with_mass(query, state, attn_qpos, qvalid, scaling, window)
+        measured = (mass, seen)
+        out = out.transpose(1, 2).contiguous()
     else:
         out = _attend(query, state, attn_qpos, scaling, window, heads_uniform=layer.heads_uniform)
         out = out.transpose(1, 2).contiguous()
@@ -164,5 +179,5 @@ def kvframe_attention(
     if cache.scoring:
         record_scoring_pass(cache, layer, query, attn_qpos, qvalid, scaling, window)
     else:
-        after_attention(cache, layer, layer_idx, query, qpos, qvalid, scaling, window, attn_qpos)
+        after_attention(cache, layer, layer_idx, query, qpos, qvalid, scaling, window, attn_qpos, measured)
     return out, None

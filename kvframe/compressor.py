@@ -325,7 +325,8 @@ class Compressor:
         if selection.weight is not None:
             weight = selection.weight.gather(-1, torch.cat([tg, ev], -1))
         sub_sel = Selection(keep=ar.contiguous(), keep_valid=tg_ok, assign=assign, weight=weight)
-        return Eviction(ev, ev_ok, tg, tg_ok, self._merge(sub, ctx, sub_sel), state.stats)
+        updated, changed = self._merge_changes(sub, ctx, sub_sel)
+        return Eviction(ev, ev_ok, tg, tg_ok, updated, state.stats, changed)
 
     def _scores(self, state: SlotState, ctx: CompressionContext) -> torch.Tensor | None:
         """The scorer's ``[B, H, T]`` float32 scores, or ``None`` without a scorer (allowed only for
@@ -346,6 +347,12 @@ class Compressor:
 
     def _merge(self, state: SlotState, ctx: CompressionContext, selection: Selection) -> SlotState:
         """The kept slots of ``selection``, with merged keys, values, positions and statistics."""
+        return self._merge_changes(state, ctx, selection)[0]
+
+    def _merge_changes(self, state: SlotState, ctx: CompressionContext, selection: Selection) -> tuple[SlotState, tuple[str, ...]]:
+        """:meth:`_merge`, and which fields of the kept slots it changed (``keys``, ``values``,
+        ``log_weights``, ``positions``, ``stats.<name>``): a merge that returns the kept slots' own
+        tensor changed nothing there."""
         kept = state.gather(selection.keep, selection.keep_valid)
         if selection.assign is not None:
             # a merged slot sits at the position of the last token folded into it
@@ -361,7 +368,11 @@ class Compressor:
             )
         values, log_weights = self.value_merge.merge(state, selection, kept, ctx)
         out = kept.replace(keys=merged.keys, values=values, log_weights=log_weights)
-        return out.with_stats(**merged.stats) if merged.stats else out
+        changed = tuple(f for f, new in (("keys", merged.keys), ("values", values), ("log_weights", log_weights)) if new is not getattr(kept, f))
+        if selection.assign is not None:
+            changed += ("positions",)
+        changed += tuple(f"stats.{k}" for k in merged.stats)
+        return (out.with_stats(**merged.stats) if merged.stats else out), changed
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved composition (what ``kvframe show`` prints)."""

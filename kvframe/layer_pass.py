@@ -111,15 +111,32 @@ def record_scoring_pass(
         layer.scoring_queries = (query.detach(), qpos, qvalid, scaling)
 
 
-def _update_stats(cache: SlotCache, layer: SlotLayer, query: Tensor, qpos: Tensor, qvalid: Tensor, scaling: float | None, window: int | None) -> None:
-    """Accumulate the framework-kept statistics the compressor's policies read (see kvframe.stats)."""
+def wants_attention_stats(cache: SlotCache) -> bool:
+    """Whether a real pass must measure the attention each slot receives (``attn``, ``age``,
+    ``window_attn`` statistics), i.e. whether :func:`after_attention` will compute them."""
+    need = cache.compressor.stats
+    return "attn" in need or "age" in need or ("window_attn" in need and cache.compressor.trigger.scoring_pass == "none")
+
+
+def _update_stats(
+    cache: SlotCache,
+    layer: SlotLayer,
+    query: Tensor,
+    qpos: Tensor,
+    qvalid: Tensor,
+    scaling: float | None,
+    window: int | None,
+    measured: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """Accumulate the framework-kept statistics the compressor's policies read (see kvframe.stats);
+    ``measured``: the pass's ``(mass, seen)`` if attention already computed them."""
     need = cache.compressor.stats
     want_window = "window_attn" in need and cache.compressor.trigger.scoring_pass == "none"
-    if not ("attn" in need or "age" in need or want_window):
+    if not wants_attention_stats(cache):
         return
     state = layer.state
     assert state is not None
-    mass, seen = attention_mass(state, query, qpos, qvalid, scaling, window)
+    mass, seen = measured if measured is not None else attention_mass(state, query, qpos, qvalid, scaling, window)
     upd: dict[str, Tensor] = {}
     if "attn" in need:
         upd["attn"] = state.stats.get("attn", torch.zeros_like(mass)) + mass
@@ -186,11 +203,17 @@ def after_attention(
     scaling: float | None,
     window: int | None,
     attn_qpos: Tensor | None = None,
+    measured: tuple[Tensor, Tensor] | None = None,
 ) -> None:
-    """Update statistics, run the compressor if its trigger fires; trim sliding-window layers."""
+    """Update statistics, run the compressor if its trigger fires; trim sliding-window layers.
+
+    ``measured``: ``(mass, seen)`` of this pass when the attention computed them
+    (:func:`kvframe.stats.decode_attention_with_mass`); a one-query pass's mass then also gives
+    the compressor the last query's attention (``ctx.window_scores(state, 1)``) without
+    recomputing it."""
     comp = cache.compressor
     q = query.shape[2]
-    _update_stats(cache, layer, query, qpos if attn_qpos is None else attn_qpos, qvalid, scaling, window)
+    _update_stats(cache, layer, query, qpos if attn_qpos is None else attn_qpos, qvalid, scaling, window, measured)
     state = layer.state
     assert state is not None
     event = TriggerEvent(
@@ -214,6 +237,9 @@ def after_attention(
         )
         if layer.shift is not None:
             ctx.query_positions = (qpos[:, None, :] - layer.shift[:, :, None])[:, 0]
+        if measured is not None and q == 1:
+            # the one query's softmax row averaged over the group: what window_scores(state, 1) computes
+            ctx._window_scores[1] = measured[0] / (query.shape[1] // state.num_heads)
         apply_compression(cache, layer, layer_idx, ctx)
         state = layer.state
     if layer.is_sliding and window is not None and state.num_slots > window:

@@ -241,6 +241,9 @@ class Eviction:
     stats:
         The layer's per-slot statistics after the firing's ``observe`` calls (``[B, H, T, ...]``
         each), which the store takes over (evicted entries zeroed, targets' entries updated).
+    changed:
+        The fields of ``updated`` the store writes over the targets (``keys``, ``values``,
+        ``positions``, ``log_weights``, ``stats.<name>``); the others are the targets' own.
     """
 
     evict: Tensor
@@ -249,3 +252,4 @@ class Eviction:
     targets_valid: Tensor
     updated: SlotState
     stats: dict[str, Tensor] = field(default_factory=dict)
+    changed: tuple[str, ...] = ("keys", "values", "positions", "log_weights")

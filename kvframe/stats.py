@@ -98,3 +98,44 @@ def attention_mass(
             mass[..., :cut] += probs.sum(dim=(2, 3))
             seen[..., :cut] += vis.sum(dim=2).float()
         return mass, seen.expand(b, h, t).clone()
+
+
+def decode_attention_with_mass(
+    query: Tensor,
+    state: SlotState,
+    query_positions: Tensor,
+    query_valid: Tensor,
+    scaling: float | None,
+    sliding_window: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoding pass's attention output *and* the statistics :func:`attention_mass` would
+    compute for it, from one softmax (the torch path of a decode step whose compressor reads
+    attention statistics; it saves a second pass over the keys).
+
+    ``query`` ``[B, Hq, q, D]`` (few queries), ``query_positions`` ``[B, q]`` or ``[B, H, q]``.
+    Returns ``(out [B, Hq, q, Dv] in the query's dtype, mass [B, H, T], seen [B, H, T])`` with the
+    masking of :func:`kvframe.kernels.decode.slot_attention_reference` (a query that sees no slot
+    attends to every slot, its output unused) and of :func:`attention_mass` (such queries, and
+    padding queries, add no mass)."""
+    with torch.no_grad():
+        b, hq, nq, d = query.shape
+        h, t = state.num_heads, state.num_slots
+        g = hq // h
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+        qp = query_positions.to(query.device)
+        qp = qp[:, None, :, None] if qp.dim() == 2 else qp[..., None]  # [B, 1 or H, q, 1]
+        vis = state.valid[:, :, None, :] & (state.positions[:, :, None, :] <= qp)  # [B, H, q, T]
+        if sliding_window is not None:
+            vis = vis & (qp - state.positions[:, :, None, :] < sliding_window)
+        qval = query_valid.to(query.device)[:, None, :, None]  # [B, 1, q, 1]
+        seen_by = vis & qval
+        empty = ~vis.any(-1, keepdim=True)
+        logits = torch.matmul(query.float().reshape(b, h, g * nq, d), state.keys.float().transpose(-1, -2)).mul_(scale)
+        logits = logits.view(b, h, g, nq, t).add_(state.log_weights.float()[:, :, None, None, :])
+        logits = logits.masked_fill_(~(vis | empty)[:, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out = torch.matmul(probs.view(b, h, g * nq, t), state.values.float()).view(b, hq, nq, -1).to(query.dtype)
+        weight = (~empty & qval).float()[:, :, None]  # [B, H, 1, q, 1]
+        mass = (probs * weight).sum(dim=(2, 3))
+        seen = seen_by.sum(dim=2).float()
+        return out, mass, seen

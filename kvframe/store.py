@@ -234,21 +234,26 @@ class SlotStore:
         src = torch.where(index_valid, torch.arange(index.shape[-1], device=index.device), 0)
         return dst, src
 
-    def _put(self, index: Tensor, index_valid: Tensor, slots: SlotState, stats: dict[str, Tensor]) -> None:
-        """Write ``slots`` ``[B, H, U]`` over the slots at ``index`` (where ``index_valid``; padding
-        entries come after a head's real ones), in place; their statistics into ``stats``. A head
-        with no real entry rewrites its slot ``index[..., 0]`` with its own contents."""
+    def _put(self, index: Tensor, index_valid: Tensor, slots: SlotState, stats: dict[str, Tensor], changed: tuple[str, ...]) -> None:
+        """Write the ``changed`` fields of ``slots`` ``[B, H, U]`` over the slots at ``index`` (where
+        ``index_valid``; padding entries come after a head's real ones), in place; changed
+        statistics into ``stats``. A head with no real entry rewrites its slot ``index[..., 0]``
+        with its own contents."""
         dst, src = self._fill(index, index_valid)
+        every_head = bool(index_valid[..., 0].all())  # then padding entries repeat a real write
         any_ok = index_valid[..., :1]
-        for k, t in self._encode(slots).items():
-            buf = self.parts[k]
-            new = self._gather(t, src)
-            keep = self._gather(buf, dst)
-            self._scatter(buf, dst, torch.where(self._bcast(any_ok, new), new.to(buf.dtype), keep))
-        for k, v in slots.stats.items():
-            if k in stats:
-                new = self._gather(v, src)
-                self._scatter(stats[k], dst, torch.where(self._bcast(any_ok, new), new.to(stats[k].dtype), self._gather(stats[k], dst)))
+        pairs: list[tuple[Tensor, Tensor]] = []
+        for f in ("keys", "values"):
+            if f in changed:
+                parts = self.codec.parts(getattr(slots, f))
+                pairs += [(self.parts[f"{f}.{k}"], t) for k, t in parts.items()]
+        pairs += [(self.parts[f], getattr(slots, f)) for f in ("positions", "log_weights") if f in changed]
+        pairs += [(stats[k[6:]], slots.stats[k[6:]]) for k in changed if k.startswith("stats.") and k[6:] in stats]
+        for buf, t in pairs:
+            new = self._gather(t, src).to(buf.dtype)
+            if not every_head:
+                new = torch.where(self._bcast(any_ok, new), new, self._gather(buf, dst))
+            self._scatter(buf, dst, new)
 
     @staticmethod
     def _gather(t: Tensor, index: Tensor) -> Tensor:
@@ -289,7 +294,7 @@ class SlotStore:
         stats = {k: v.clone() for k, v in ev.stats.items()}  # small [B, H, n] bookkeeping
         u = ev.targets.shape[-1]
         if u:
-            self._put(ev.targets, ev.targets_valid, ev.updated, stats)
+            self._put(ev.targets, ev.targets_valid, ev.updated, stats, ev.changed)
         if ev.evict.shape[-1] == 1 and n > 1 and bool(ev.evict_valid.all()) and bool(self.parts["valid"][:, :, :n].all()):
             self._evict_one(ev.evict, stats)
             self.copied_slots += u + 1

@@ -262,3 +262,32 @@ def test_store_evict_general_path_with_holes_and_several_slots():
             for s in range(store.n):
                 if new.valid[bi, hi, s]:
                     assert torch.equal(new.keys[bi, hi, s], keys[(bi, hi, int(new.positions[bi, hi, s]))])
+
+
+@pytest.mark.parametrize("per_head_qpos", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+def test_fused_decode_attention_equals_attention_and_mass(per_head_qpos, window):
+    """The decode step's one-softmax path gives the slot attention's output and attention_mass's
+    statistics (padding slots, log-weights, an invalid query, sliding window, per-head positions)."""
+    from kvframe.kernels.decode import slot_attention_reference
+    from kvframe.stats import attention_mass, decode_attention_with_mass
+
+    g = torch.Generator().manual_seed(5)
+    b, h, gq, t, d = 2, 2, 3, 11, 8
+    valid = torch.rand(b, h, t, generator=g) < 0.8
+    positions = torch.where(valid, torch.randperm(t, generator=g).expand(b, h, t), -1)
+    state = SlotState(torch.randn(b, h, t, d, generator=g), torch.randn(b, h, t, d, generator=g), positions,
+                      torch.where(valid, torch.rand(b, h, t, generator=g), 0.0), valid)
+    query = torch.randn(b, h * gq, 1, d, generator=g)
+    qpos = torch.full((b, h, 1), t) if per_head_qpos else torch.full((b, 1), t)
+    qvalid = torch.tensor([[True], [False]])
+    out, mass, seen = decode_attention_with_mass(query, state, qpos, qvalid, 0.3, window)
+    ref_out = slot_attention_reference(query, state.keys, state.values, state.log_weights, state.positions, state.valid, qpos, 0.3, window)
+    ref_mass, ref_seen = attention_mass(state, query, qpos if not per_head_qpos else qpos, qvalid, 0.3, window)
+    assert torch.allclose(out[0], ref_out[0], atol=1e-6)  # row 1's query is padding: its output is unused
+    assert torch.allclose(mass, ref_mass, atol=1e-6) and torch.equal(seen, ref_seen)
+    if not per_head_qpos:  # what the compressor's context takes as window_scores(state, 1)
+        from kvframe.kernels.window import window_scores_reference
+
+        ws = window_scores_reference(query, state.keys, state.log_weights, state.positions, state.valid, qpos, qvalid, 0.3, window)
+        assert torch.allclose(mass / gq, ws, atol=1e-6)
