@@ -81,13 +81,16 @@ def _reindex(cache: SlotCache, layer_idx: int, state: SlotState, next_position: 
 
 def _reindex_in_place(cache: SlotCache, layer: SlotLayer, layer_idx: int) -> None:
     """:func:`_reindex` on the store itself: only the keys whose position changes are re-rotated
-    and rewritten (after a StreamingLLM eviction: the slots newer than the evicted one)."""
+    and rewritten, gathered when they are few, all keys in one pass when they are most (after a
+    StreamingLLM eviction: the slots newer than the evicted one; a rotation by 0 is exact)."""
     state = layer.store.view()
     assert state is not None and layer.next_position is not None
     new_pos, delta = _reindexed_positions(state)
     changed = delta != 0
     m = int(changed.sum(-1).max()) if changed.numel() else 0
-    if m:
+    if 2 * m > state.num_slots:  # most keys move (StreamingLLM: all newer than the evicted one): rotate all
+        layer.store.rewrite(None, None, keys=cache.rope.rotate(state.keys, delta, layer_idx), positions=new_pos)
+    elif m:
         idx = true_slots_first(changed)[..., :m]
         ok = idx < state.num_slots
         idx = torch.where(ok, idx, 0)

@@ -36,8 +36,29 @@ class Rotary:
         One inverse-frequency vector for every layer (``[D_rot / 2]``; ``D_rot <= head_dim``).
     """
 
+    #: Integer rotations by fewer than this many positions read cos/sin from a table (one per
+    #: distinct frequency vector, at most ``TABLE_MAX x D_rot`` entries: 1 MB for head size 64).
+    TABLE_MAX = 4096
+
     def __init__(self, inv_freq: list[Tensor]):
         self.inv_freq = [f.detach().float() for f in inv_freq]
+        self._tables: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def _table(self, layer_idx: int, size: int, device: torch.device, work: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[size', D_rot]`` of rotations by ``0..size'-1`` positions (``size' >= size``,
+        grown geometrically up to :attr:`TABLE_MAX`), computed exactly as :meth:`rotate` computes
+        them (float64, then cast)."""
+        inv_cpu = self.inv_freq[layer_idx]
+        key = (inv_cpu.data_ptr(), device, work)  # layers sharing frequencies share a table
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < size:
+            n = min(max(size, 2 * (table[0].shape[0] if table is not None else 256)), self.TABLE_MAX)
+            inv = self.inv_freq[layer_idx].to(device).double()
+            angle = torch.arange(n, device=device, dtype=torch.float64)[:, None] * inv
+            emb = torch.cat((angle, angle), dim=-1)
+            table = (emb.cos().to(work), emb.sin().to(work))
+            self._tables[key] = table
+        return table
 
     @classmethod
     def from_frequencies(cls, inv_freq: Tensor, num_layers: int = 1) -> Rotary:
@@ -76,10 +97,19 @@ class Rotary:
         """Rotate ``x`` ``[..., T, D]`` by ``delta`` positions (broadcastable to ``[..., T]``)."""
         inv = self.inv_freq[layer_idx].to(x.device)
         rot = inv.numel() * 2
-        angle = delta.to(x.device).double()[..., None] * inv.double()
-        emb = torch.cat((angle, angle), dim=-1)
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = emb.cos().to(work), emb.sin().to(work)
+        delta = delta.to(x.device)
+        most = int(delta.abs().max()) if (not delta.is_floating_point() and delta.numel() and not torch.compiler.is_compiling()) else -1
+        if 0 <= most < self.TABLE_MAX:
+            # integer rotations: look cos/sin up (the same values; cos is even, sin odd)
+            cos_t, sin_t = self._table(layer_idx, most + 1, x.device, work)
+            mag = delta.abs()
+            cos = cos_t[mag]
+            sin = sin_t[mag] * delta.sign()[..., None].to(work)
+        else:
+            angle = delta.double()[..., None] * inv.double()
+            emb = torch.cat((angle, angle), dim=-1)
+            cos, sin = emb.cos().to(work), emb.sin().to(work)
         xr = x[..., :rot].to(work)
         out = xr * cos + _rotate_half(xr) * sin
         if rot < x.shape[-1]:

@@ -264,12 +264,18 @@ class SlotStore:
     def _bcast(mask: Tensor, like: Tensor) -> Tensor:
         return mask.reshape(*mask.shape, *([1] * (like.dim() - 3)))
 
-    def rewrite(self, index: Tensor, index_valid: Tensor, keys: Tensor | None = None, positions: Tensor | None = None) -> None:
+    def rewrite(
+        self, index: Tensor | None, index_valid: Tensor | None, keys: Tensor | None = None, positions: Tensor | None = None
+    ) -> None:
         """Overwrite the keys ``[B, H, U, D]`` of the slots at ``index`` (padding entries after a
-        head's real ones) and (optionally) every held slot's positions ``[B, H, n]``, in place (a
-        re-index: re-rotated keys, renumbered positions)."""
+        head's real ones; ``None``: ``keys`` are all ``n`` held slots') and (optionally) every held
+        slot's positions ``[B, H, n]``, in place (a re-index: re-rotated keys, renumbered positions)."""
         self._own()
-        if keys is not None and index.shape[-1]:
+        if keys is not None and index is None:
+            for k, t in self.codec.parts(keys).items():
+                self.parts[f"keys.{k}"][:, :, : self.n].copy_(t)
+            self.copied_slots += self.n
+        elif keys is not None and index_valid is not None and index.shape[-1]:
             dst, src = self._fill(index, index_valid)
             any_ok = index_valid[..., :1]
             for k, t in self.codec.parts(keys).items():
