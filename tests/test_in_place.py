@@ -232,8 +232,8 @@ def test_in_place_equals_the_dense_reference_on_smollm2(smollm2):
         seq, logits, cache = _generate(model, method, 0.25, ids, mask, 16, dense=False)
         ref_seq, ref_logits, ref_cache = _generate(model, method, 0.25, ids, mask, 16, dense=True)
         assert torch.equal(seq, ref_seq), method
-        # logits reach ~25 here: slots summed in another order differ by float rounding (measured 3e-5 abs, 1.2e-6 rel)
-        assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=2e-6), (method, (logits - ref_logits).abs().max())
+        # logits reach ~25 here: slots summed in another order differ by float rounding (measured at most 3.1e-5)
+        assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=0), (method, (logits - ref_logits).abs().max())
         assert _kept_positions(cache) == _kept_positions(ref_cache), method
 
 
