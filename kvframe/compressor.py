@@ -287,10 +287,11 @@ class Compressor:
         # the kept slots the merges see: fold targets, and the next `reach` kept slots by position
         cands: list[torch.Tensor] = []
         oks: list[torch.Tensor] = []
-        folded = None
+        folded = fold_slot = None
         if selection.assign is not None:
             folded = selection.assign.gather(-1, ev)
-            cands.append(selection.keep.gather(-1, folded.clamp(min=0)))
+            fold_slot = selection.keep.gather(-1, folded.clamp(min=0))  # the slot each dropped one folds into
+            cands.append(fold_slot)
             oks.append(ev_ok & (folded >= 0))
         reach = max(self.key_merge.in_place_reach() or 0, self.value_merge.in_place_reach() or 0)
         if reach > 0:
@@ -300,14 +301,14 @@ class Compressor:
             val, idx = torch.where(after, pos[:, :, None, :], big).topk(min(reach, t), dim=-1, largest=False)
             cands.append(idx.flatten(2))
             oks.append(((val != big) & ev_ok[..., None]).flatten(2))
-        no_targets = torch.zeros(b, h, 0, dtype=torch.long, device=dev)
-        if not cands:
-            return Eviction(ev, ev_ok, no_targets, no_targets.bool(), state.slice(0), state.stats)
-        srt = torch.where(torch.cat(oks, -1), torch.cat(cands, -1), big).sort(dim=-1).values
-        uniq = srt != big
-        uniq[..., 1:] &= srt[..., 1:] != srt[..., :-1]
-        u = int(uniq.sum(-1).max())
-        if u == 0:
+        u = 0
+        if cands:
+            srt = torch.where(torch.cat(oks, -1), torch.cat(cands, -1), big).sort(dim=-1).values
+            uniq = srt != big
+            uniq[..., 1:] &= srt[..., 1:] != srt[..., :-1]
+            u = int(uniq.sum(-1).max())
+        if u == 0:  # no kept slot is read or rewritten: plain eviction
+            no_targets = torch.zeros(b, h, 0, dtype=torch.long, device=dev)
             return Eviction(ev, ev_ok, no_targets, no_targets.bool(), state.slice(0), state.stats)
         order = true_slots_first(uniq)[..., :u]
         tg_ok = order < srt.shape[-1]
@@ -317,8 +318,7 @@ class Compressor:
         ar = torch.arange(u, device=dev).expand(b, h, u)
         assign = None
         if folded is not None:
-            slot = selection.keep.gather(-1, folded.clamp(min=0))
-            match = (tg[..., None, :] == slot[..., None]) & tg_ok[..., None, :]  # [B, H, E, U]
+            match = (tg[..., None, :] == fold_slot[..., None]) & tg_ok[..., None, :]  # [B, H, E, U]
             ev_assign = torch.where(ev_ok & (folded >= 0) & match.any(-1), match.int().argmax(-1), -1)
             assign = torch.cat([torch.where(tg_ok, ar, -1), ev_assign], -1)
         weight = None

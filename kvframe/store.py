@@ -220,10 +220,22 @@ class SlotStore:
             self._allocate(self.parts, self.capacity, self.n)
 
     @staticmethod
+    def _slot_index(index: Tensor, t: Tensor) -> Tensor:
+        """``index`` ``[B, H, U]`` expanded over ``t``'s trailing dims (for gather/scatter on dim 2)."""
+        return index.reshape(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
+
+    @staticmethod
     def _scatter(t: Tensor, index: Tensor, src: Tensor) -> None:
         """``t[b, h, index[b, h, j]] = src[b, h, j]`` along the slot axis, in place."""
-        idx = index.reshape(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
-        t.scatter_(2, idx, src.to(t.dtype))
+        t.scatter_(2, SlotStore._slot_index(index, t), src.to(t.dtype))
+
+    @staticmethod
+    def _gather(t: Tensor, index: Tensor) -> Tensor:
+        return t.gather(2, SlotStore._slot_index(index, t))
+
+    @staticmethod
+    def _bcast(mask: Tensor, like: Tensor) -> Tensor:
+        return mask.reshape(*mask.shape, *([1] * (like.dim() - 3)))
 
     @staticmethod
     def _fill(index: Tensor, index_valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,9 +251,6 @@ class SlotStore:
         ``index_valid``; padding entries come after a head's real ones), in place; changed
         statistics into ``stats``. A head with no real entry rewrites its slot ``index[..., 0]``
         with its own contents."""
-        dst, src = self._fill(index, index_valid)
-        every_head = bool(index_valid[..., 0].all())  # then padding entries repeat a real write
-        any_ok = index_valid[..., :1]
         pairs: list[tuple[Tensor, Tensor]] = []
         for f in ("keys", "values"):
             if f in changed:
@@ -249,20 +258,19 @@ class SlotStore:
                 pairs += [(self.parts[f"{f}.{k}"], t) for k, t in parts.items()]
         pairs += [(self.parts[f], getattr(slots, f)) for f in ("positions", "log_weights") if f in changed]
         pairs += [(stats[k[6:]], slots.stats[k[6:]]) for k in changed if k.startswith("stats.") and k[6:] in stats]
+        self._write_at(pairs, index, index_valid)
+
+    def _write_at(self, pairs: list[tuple[Tensor, Tensor]], index: Tensor, index_valid: Tensor) -> None:
+        """For each ``(buffer, slots)`` pair, write ``slots[b, h, j]`` over ``buffer[b, h, index[b, h, j]]``
+        where ``index_valid``, in place (see :meth:`_put` for padding entries)."""
+        dst, src = self._fill(index, index_valid)
+        every_head = bool(index_valid[..., 0].all())  # then padding entries repeat a real write
+        any_ok = index_valid[..., :1]
         for buf, t in pairs:
             new = self._gather(t, src).to(buf.dtype)
             if not every_head:
                 new = torch.where(self._bcast(any_ok, new), new, self._gather(buf, dst))
             self._scatter(buf, dst, new)
-
-    @staticmethod
-    def _gather(t: Tensor, index: Tensor) -> Tensor:
-        idx = index.reshape(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
-        return t.gather(2, idx)
-
-    @staticmethod
-    def _bcast(mask: Tensor, like: Tensor) -> Tensor:
-        return mask.reshape(*mask.shape, *([1] * (like.dim() - 3)))
 
     def rewrite(
         self, index: Tensor | None, index_valid: Tensor | None, keys: Tensor | None = None, positions: Tensor | None = None
@@ -276,12 +284,7 @@ class SlotStore:
                 self.parts[f"keys.{k}"][:, :, : self.n].copy_(t)
             self.copied_slots += self.n
         elif keys is not None and index_valid is not None and index.shape[-1]:
-            dst, src = self._fill(index, index_valid)
-            any_ok = index_valid[..., :1]
-            for k, t in self.codec.parts(keys).items():
-                buf = self.parts[f"keys.{k}"]
-                new = self._gather(t, src)
-                self._scatter(buf, dst, torch.where(self._bcast(any_ok, new), new.to(buf.dtype), self._gather(buf, dst)))
+            self._write_at([(self.parts[f"keys.{k}"], t) for k, t in self.codec.parts(keys).items()], index, index_valid)
             self.copied_slots += index.shape[-1]
         if positions is not None:
             self.parts["positions"][:, :, : self.n].copy_(positions)
@@ -312,7 +315,8 @@ class SlotStore:
             buf = self.parts[k]
             self._scatter(buf, dst, torch.where(any_ev, torch.full_like(dst, empty_value, dtype=buf.dtype), buf.gather(2, dst)))
         for v in stats.values():
-            self._scatter(v, dst, torch.where(self._bcast(any_ev, self._gather(v, dst)), 0, self._gather(v, dst)))
+            held = self._gather(v, dst)
+            self._scatter(v, dst, torch.where(self._bcast(any_ev, held), 0, held))
         valid = self.parts["valid"][:, :, :n]
         new_n = int(valid.sum(-1).max()) if valid.numel() else 0
         w = n - new_n
