@@ -15,7 +15,9 @@ Triton kernel and the torch reference:
 
 Ops: ``kvframe::window_scores`` (observation-window scoring), ``kvframe::group_reduce``
 (compaction with merge), ``kvframe::balance_signs`` (BalanceKV's self-balancing walk),
-``kvframe::slot_decode_attention`` (decode attention over weighted, ragged slots).
+``kvframe::slot_decode_attention`` (decode attention over weighted, ragged slots),
+``kvframe::slot_decode_attention_packed`` (the same over a packed layout: one flat slot buffer per
+layer, each head a ``start``/``length`` segment).
 """
 
 from __future__ import annotations
