@@ -25,6 +25,7 @@ from kvframe.cache import ACTIVE_UPDATE, SlotCache, SlotLayer
 from kvframe.errors import UnsupportedModelError
 from kvframe.kernels.decode import DECODE_MAX_QUERIES, slot_attention_reference, slot_decode_attention
 from kvframe.kernels import use_triton
+from kvframe.kernels.packed import slot_decode_attention_packed
 from kvframe.layer_pass import after_attention, finalize_new_slots, record_scoring_pass, wants_attention_stats
 from kvframe.slots import SlotState
 from kvframe.stats import decode_attention_with_mass
@@ -129,8 +130,9 @@ def kvframe_attention(
     cache: SlotCache | None = None
     if active is not None and layer_idx is not None:
         c, idx = active
-        if idx == layer_idx and c.layers[idx].pending and c.layers[idx].state is not None and c.layers[idx].state.keys is key:
+        if idx == layer_idx and c.layers[idx].pending and c.layers[idx].returned_keys is key:
             cache = c
+            c.layers[idx].returned_keys = None
     if cache is None:
         if key.shape[2] != q:
             raise UnsupportedModelError(
@@ -146,11 +148,12 @@ def kvframe_attention(
 
     layer = cache.layers[layer_idx]
     qpos, qvalid = _query_meta(q, b, layer.seen - layer.pending, attention_mask, position_ids, query.device)
-    state, new_pos = finalize_new_slots(cache, layer, layer_idx, qpos, qvalid)
+    new_pos = finalize_new_slots(cache, layer, layer_idx, qpos, qvalid)
     window = layer.sliding_window if layer.is_sliding else sliding_window
+    n_slots = layer.num_slots
 
     if layer.shift is not None:  # re-index mode: queries move with their keys
-        g = query.shape[1] // state.num_heads
+        g = query.shape[1] // layer.batch_heads[1]
         qshift = layer.shift.repeat_interleave(g, dim=1)[:, :, None].expand(-1, -1, q)
         query = cache.rope.rotate(query, -qshift, layer_idx)
         attn_qpos = new_pos
@@ -158,26 +161,49 @@ def kvframe_attention(
         attn_qpos = qpos
 
     measured = None
-    if layer.plain and q in (1, state.num_slots) and (window is None or state.num_slots <= window):
+    grad = torch.is_grad_enabled() and (query.requires_grad or _slots_require_grad(layer))
+    stats_pass = not cache.scoring and (wants_attention_stats(cache) or cache.compressor.needs_queries)
+    if layer.plain and q in (1, n_slots) and (window is None or n_slots <= window):
+        state = layer.state
+        assert state is not None
         out, _ = sdpa_attention_forward(module, query, state.keys, state.values, None, dropout=0.0, scaling=scaling)
-    elif (
-        q == 1
-        and not cache.scoring
-        and not use_triton(query)
-        and not (torch.is_grad_enabled() and (query.requires_grad or state.keys.requires_grad))
-        and (wants_attention_stats(cache) or cache.compressor.needs_queries)
-    ):
-        # a decode step whose compressor reads attention statistics or the query's attention
-        # (TOVA): one softmax for the output and for them
-        out, mass, seen = decode_attention_with_mass(query, state, attn_qpos, qvalid, scaling, window)
-        measured = (mass, seen)
-        out = out.transpose(1, 2).contiguous()
+    elif layer.store.packed and not layer.in_scratch and q <= DECODE_MAX_QUERIES and not grad and not stats_pass and use_triton(query):
+        # a packed store (ragged heads): the kernel reads each head's segment, no padded view
+        out = _attend_packed(layer, query, attn_qpos, scaling, window).transpose(1, 2).contiguous()
     else:
-        out = _attend(query, state, attn_qpos, scaling, window, heads_uniform=layer.heads_uniform)
-        out = out.transpose(1, 2).contiguous()
+        state = layer.state
+        assert state is not None
+        if q == 1 and stats_pass and not use_triton(query) and not grad:
+            # a decode step whose compressor reads attention statistics or the query's attention
+            # (TOVA): one softmax for the output and for them
+            out, mass, seen = decode_attention_with_mass(query, state, attn_qpos, qvalid, scaling, window)
+            measured = (mass, seen)
+            out = out.transpose(1, 2).contiguous()
+        else:
+            out = _attend(query, state, attn_qpos, scaling, window, heads_uniform=layer.heads_uniform)
+            out = out.transpose(1, 2).contiguous()
 
     if cache.scoring:
         record_scoring_pass(cache, layer, query, attn_qpos, qvalid, scaling, window)
     else:
         after_attention(cache, layer, layer_idx, query, qpos, qvalid, scaling, window, attn_qpos, measured)
     return out, None
+
+
+def _slots_require_grad(layer: SlotLayer) -> bool:
+    """Whether the layer's keys or values take part in autograd (a backward scoring pass)."""
+    if layer.in_scratch:
+        return layer.scratch is not None and (layer.scratch.keys.requires_grad or layer.scratch.values.requires_grad)
+    return any(t.requires_grad for t in layer.store.parts.values())
+
+
+def _attend_packed(layer: SlotLayer, query: Tensor, qpos: Tensor, scaling: float | None, window: int | None) -> Tensor:
+    """Decode attention straight over a packed store's segments (``kvframe::slot_decode_attention_packed``)."""
+    store = layer.store
+    parts, start, length = store.packed_slots()
+    keys = store.codec.decode({k[5:]: v for k, v in parts.items() if k.startswith("keys.")})
+    values = store.codec.decode({k[7:]: v for k, v in parts.items() if k.startswith("values.")})
+    return slot_decode_attention_packed(
+        query, keys, values, parts["log_weights"], parts["positions"], parts["valid"], start, length, qpos,
+        scaling=scaling, sliding_window=window,
+    )

@@ -92,6 +92,7 @@ class SlotLayer(CacheLayerMixin):
         self.prompt_valid: Tensor | None = None  # [B] non-padding prompt tokens (frozen at the first decode step)
         self.next_position: Tensor | None = None  # [B] original position of the next token
         self.scoring_queries: tuple[Tensor, Tensor, Tensor, float | None] | None = None
+        self.returned_keys: Tensor | None = None  # what the last update returned (the attention function's check)
 
     @property
     def state(self) -> SlotState | None:
@@ -105,6 +106,47 @@ class SlotLayer(CacheLayerMixin):
             self.scratch = value
         else:
             self.store.install(value)
+
+    @property
+    def num_slots(self) -> int:
+        """Slots per head of the layer's (dense) state, without materialising a packed store's view."""
+        if self.in_scratch:
+            return 0 if self.scratch is None else self.scratch.num_slots
+        return self.store.n
+
+    @property
+    def batch_heads(self) -> tuple[int, int]:
+        if self.in_scratch:
+            assert self.scratch is not None
+            return self.scratch.batch_size, self.scratch.num_heads
+        return self.store.batch_heads
+
+    def has_slots(self) -> bool:
+        return (self.scratch is not None) if self.in_scratch else bool(self.store.parts)
+
+    def write_tail(self, q: int, positions: Tensor | None = None, valid: Tensor | None = None, keys: Tensor | None = None) -> None:
+        """Overwrite fields of the last ``q`` slots of every head (see :meth:`SlotStore.write_tail
+        <kvframe.store.SlotStore.write_tail>`); during a scoring pass, of its dense stand-in."""
+        if not self.in_scratch:
+            self.store.write_tail(q, positions=positions, valid=valid, keys=keys)
+            return
+        st = self.scratch
+        assert st is not None
+        for name, t in (("keys", keys), ("positions", positions), ("valid", valid)):
+            if t is not None:
+                getattr(st, name)[:, :, -q:] = t
+
+    def tail_keys(self, q: int) -> Tensor:
+        """Keys ``[B, H, q, D]`` of the last ``q`` slots of every head."""
+        if not self.in_scratch:
+            return self.store.tail_keys(q)
+        assert self.scratch is not None
+        return self.scratch.keys[:, :, -q:]
+
+    def release_view(self) -> None:
+        """The end of a layer pass: a packed store drops its materialised dense view."""
+        if not self.in_scratch:
+            self.store.release_view()
 
     def begin_scratch(self, state: SlotState | None = None) -> LayerSnapshot:
         """Run the next passes on a dense stand-in for the store (a chunked trigger's scoring pass):
@@ -168,22 +210,26 @@ class SlotLayer(CacheLayerMixin):
             valid=torch.ones(b, h, q, dtype=torch.bool, device=dev),
             stats={},
         )
-        current = self.state
-        self.slots_before = 0 if current is None else current.num_slots
+        self.slots_before = self.num_slots if self.has_slots() else 0
         if self.in_scratch:  # a scoring pass: concatenate, leave the store untouched
+            current = self.scratch
             if current is not None:
                 # new slots start with zero statistics (same trailing shape as the layer's)
                 new.stats = {k: v.new_zeros(b, h, q, *v.shape[3:]) for k, v in current.stats.items()}
                 new = current.cat(new)
             self.scratch = new
-            state = new
+            out = (new.keys, new.values)
         else:
-            state = self.store.append(new)  # written in place into free capacity
+            view = self.store.append(new)  # written in place into free capacity
+            # a packed store's view is made only if the pass needs it; the attention function reads
+            # the layer's slots itself, whatever the model is handed here
+            out = (key_states, value_states) if view is None else (view.keys, view.values)
+        self.returned_keys = out[0]
         self.seen += q
         self.pending = q
         if q == 1:
             self.decode_steps += 1
-        return state.keys, state.values
+        return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -243,6 +289,13 @@ class SlotLayer(CacheLayerMixin):
         return new
 
     def content_slots(self) -> Tensor | None:
+        """``[B, H]`` content slots per row and head (``None`` before the first tokens)."""
+        if not self.in_scratch and self.store.layout is not None:
+            lay = self.store.layout
+            valid = self.store.parts["valid"]
+            i = torch.arange(int(lay.used.max()), device=valid.device)
+            idx = torch.where(i < lay.used[..., None], lay.start[..., None] + i, lay.size)
+            return valid[idx].sum(-1)
         return None if self.state is None else self.state.content_slots()
 
     def nbytes(self) -> int:
@@ -255,7 +308,7 @@ class CacheMemory:
 
     bytes: int  # everything allocated: the slot buffers at their capacity, and the statistics
     kv_bytes: int  # key and value bytes of the slots held (content + padding)
-    slots: int  # slots held (content + padding), summed over layers, rows and heads
+    slots: int  # slots held (content + padding), summed over layers, rows and heads (packed: no padding after a head's last slot)
     content_slots: int
     seen_tokens: int
     per_layer_slots: list[int]  # slots held per head in each layer
@@ -346,16 +399,16 @@ class SlotCache(Cache):
         total = kv = slots = content = reserved = 0
         per_layer = []
         for layer in self.layers:
-            st = layer.state
-            if st is None:
+            store = layer.store
+            if not store.parts:
                 per_layer.append(0)
                 continue
-            total += layer.store.nbytes()
-            kv += layer.store.kv_bytes()
-            reserved += layer.store.reserved_bytes()
-            slots += st.valid.numel()
-            content += int(st.valid.sum())
-            per_layer.append(st.num_slots)
+            total += store.nbytes()
+            kv += store.kv_bytes()
+            reserved += store.reserved_bytes()
+            slots += store.slot_count()
+            content += store.content_count()
+            per_layer.append(store.n)
         seen = self.layers[0].seen if self.layers else 0
         return CacheMemory(total, kv, slots, content, seen, per_layer, reserved)
 

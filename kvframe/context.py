@@ -88,7 +88,9 @@ def _check_mask(mask: Any, shape: torch.Size, what: str) -> Tensor:
 
 
 def _bookkeeping(layer: Any) -> tuple[Any, ...]:
-    return (layer.state, layer.seen, layer.decode_steps, layer.compressions, layer.pending)
+    # the store's version moves with every change of its slots (a packed store's view is made anew
+    # for each pass, so the view's identity says nothing)
+    return (layer.store, layer.store.version, layer.seen, layer.decode_steps, layer.compressions, layer.pending)
 
 
 class CompressedContext:
@@ -126,12 +128,11 @@ class CompressedContext:
     # -- the fork contract guard ------------------------------------------------------------
     def _tensors(self) -> Iterator[tuple[str, Tensor]]:
         for i, layer in enumerate(self.cache.layers):
-            st = layer.state
-            if st is not None:
-                for name in ("keys", "values", "positions", "log_weights", "valid"):
-                    yield f"layer {i} {name}", getattr(st, name)
-                for name, t in st.stats.items():
-                    yield f"layer {i} statistic {name!r}", t
+            # the store's own buffers (a packed store's view is a gather made per pass)
+            for name, t in layer.store.parts.items():
+                yield f"layer {i} {name.removesuffix('.data')}", t  # the fp codec's one part is the tensor
+            for name, t in layer.store.stats.items():
+                yield f"layer {i} statistic {name!r}", t
             for name in ("shift", "valid_seen", "prompt_valid", "next_position"):
                 t = getattr(layer, name)
                 if isinstance(t, Tensor):
@@ -158,7 +159,7 @@ class CompressedContext:
             if now[0] is not then[0] or now[1:] != then[1:]:
                 raise KVFrameError(
                     f"the compressed context's cache changed (layer {i} now holds {layer.seen} tokens seen, "
-                    f"was {then[1]}): its own cache was run through the model; answer on ctx.fork() or ctx.generate()"
+                    f"was {then[2]}): its own cache was run through the model; answer on ctx.fork() or ctx.generate()"
                 )
         for name, t, version in versions:
             if version is not None and t._version != version:
@@ -288,10 +289,9 @@ class CompressedContext:
         from kvframe.policies.base import TriggerEvent
 
         for layer in self.cache.layers:
-            st = layer.state
-            if st is None:
+            if not layer.has_slots():
                 continue
-            slots = int(st.num_slots)
+            slots = layer.num_slots
             for n in sorted(set(lengths)):
                 steps = layer.decode_steps + (1 if n == 1 else 0)
                 if trigger.fires(TriggerEvent(slots, n, slots + n, steps, layer.compressions)):

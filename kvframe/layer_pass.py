@@ -31,22 +31,18 @@ from kvframe.slots import INVALID_POSITION, Eviction, SlotState, position_rank, 
 from kvframe.stats import attention_mass
 
 
-def finalize_new_slots(
-    cache: SlotCache, layer: SlotLayer, layer_idx: int, qpos: Tensor, qvalid: Tensor
-) -> tuple[SlotState, Tensor]:
-    """Write the new slots' positions and validity; in re-index mode move them into cache positions."""
-    state = layer.state
-    assert state is not None
+def finalize_new_slots(cache: SlotCache, layer: SlotLayer, layer_idx: int, qpos: Tensor, qvalid: Tensor) -> Tensor:
+    """Write the new slots' positions and validity; in re-index mode move them into cache positions.
+    Returns the new slots' positions ``[B, H, q]`` (cache positions in re-index mode)."""
     q = layer.pending
-    b, h = state.batch_size, state.num_heads
+    b, h = layer.batch_heads
     new_pos = qpos[:, None, :].expand(b, h, q)
     if layer.shift is not None:
         new_pos = new_pos - layer.shift[:, :, None]
-        rot = cache.rope.rotate(state.keys[:, :, -q:], -layer.shift[:, :, None].expand(b, h, q), layer_idx)
-        state.keys[:, :, -q:] = rot
+        rot = cache.rope.rotate(layer.tail_keys(q), -layer.shift[:, :, None].expand(b, h, q), layer_idx)
+        layer.write_tail(q, keys=rot)
     new_valid = qvalid[:, None, :].expand(b, h, q)
-    state.positions[:, :, -q:] = torch.where(new_valid, new_pos, INVALID_POSITION)
-    state.valid[:, :, -q:] = new_valid
+    layer.write_tail(q, positions=torch.where(new_valid, new_pos, INVALID_POSITION), valid=new_valid)
     n_new = qvalid.sum(-1)
     if layer.valid_seen is None:
         layer.valid_seen = torch.zeros_like(n_new)
@@ -60,7 +56,7 @@ def finalize_new_slots(
         if not bool(qvalid.all()) or not bool((qpos == expected).all()) or layer.shift is not None:
             layer.plain = False
     layer.pending = 0
-    return state, new_pos
+    return new_pos
 
 
 def _reindexed_positions(state: SlotState) -> tuple[Tensor, Tensor]:
@@ -112,6 +108,7 @@ def record_scoring_pass(
         layer.state = state.with_stats(window_attn=mass)
     if comp.needs_queries:
         layer.scoring_queries = (query.detach(), qpos, qvalid, scaling)
+    layer.release_view()
 
 
 def wants_attention_stats(cache: SlotCache) -> bool:
@@ -217,12 +214,10 @@ def after_attention(
     comp = cache.compressor
     q = query.shape[2]
     _update_stats(cache, layer, query, qpos if attn_qpos is None else attn_qpos, qvalid, scaling, window, measured)
-    state = layer.state
-    assert state is not None
     event = TriggerEvent(
         slots_before=layer.slots_before,
         new_tokens=q,
-        slots_after=state.num_slots,
+        slots_after=layer.num_slots,
         decode_steps=layer.decode_steps,
         compressions=layer.compressions,
     )
@@ -242,12 +237,14 @@ def after_attention(
             ctx.query_positions = (qpos[:, None, :] - layer.shift[:, :, None])[:, 0]
         if measured is not None and q == 1:
             # the one query's softmax row averaged over the group: what window_scores(state, 1) computes
-            ctx._window_scores[1] = measured[0] / (query.shape[1] // state.num_heads)
+            ctx._window_scores[1] = measured[0] / (query.shape[1] // layer.batch_heads[1])
         apply_compression(cache, layer, layer_idx, ctx)
+    if layer.is_sliding and window is not None and layer.num_slots > window:
         state = layer.state
-    if layer.is_sliding and window is not None and state.num_slots > window:
+        assert state is not None
         last = torch.where(state.valid, state.positions, INVALID_POSITION).max(dim=-1, keepdim=True).values
         keep = state.valid & (state.positions > last - window + 1)
         if bool((keep.sum(-1) < state.num_slots).any()):
             layer.state = state.keep(keep)
             layer.plain = False
+    layer.release_view()

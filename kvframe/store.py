@@ -19,6 +19,14 @@ of at least the slots held. What policies and attention see is :meth:`SlotStore.
 - **Forks** share the buffers copy-on-write: :meth:`fork` marks both stores shared, and whichever
   writes first (an append, an installation) copies the buffers first. The views a fork hands out
   are never written through by kvframe once their pass is over (``docs/architecture.md``, "Forks").
+- **Packed heads**: an installed state whose heads hold different numbers of slots (head-adaptive
+  budgets, per-head schedules, rows of a left-padded batch) is stored packed, each head's slots one
+  after the other in flat buffers (:mod:`kvframe.packing`), so the bytes held are the content
+  slots', not ``B x H x`` the longest head's. The dense view policies see is the same in both
+  layouts; for a packed store it is materialised for one layer pass (:meth:`view`) and released
+  after it (:meth:`release_view`). Appends write into each segment's free room in place; an
+  in-place eviction, a re-index rewrite or a truncation first returns the store to the dense
+  layout (decode-time evictions drop the same number of slots from every head).
 - **Codec**: keys and values are held through a :class:`~kvframe.codecs.Codec` (``fp``, the model's
   dtype, by default); the store moves the codec's parts slot by slot without knowing what they
   hold (``docs/architecture.md``, "The slot store").
@@ -34,7 +42,9 @@ import math
 import torch
 from torch import Tensor
 
+from kvframe import packing
 from kvframe.codecs import Codec, FpCodec
+from kvframe.packing import PackedLayout
 from kvframe.slots import INVALID_POSITION, Eviction, SlotState
 
 #: Buffers grow by this fraction of their capacity (at least :data:`MIN_GROWTH` slots).
@@ -43,6 +53,9 @@ MIN_GROWTH = 64
 #: An installed state is copied into the current buffers if their capacity exceeds what it needs
 #: (kept slots + headroom) by at most this fraction of the kept slots (else new buffers are taken).
 FIT_TOLERANCE = 0.02
+#: An installed state whose heads would hold more padding than this fraction of their content
+#: slots is stored packed (:mod:`kvframe.packing`), unless the store was made with ``pack=False``.
+PACK_TOLERANCE = 0.02
 
 _META = ("positions", "log_weights", "valid")
 
@@ -69,9 +82,12 @@ class SlotStore:
         appends in place and views copy none.
     """
 
-    def __init__(self, codec: Codec | None = None, headroom: int = 0):
+    def __init__(self, codec: Codec | None = None, headroom: int = 0, pack: bool = True):
         self.codec = codec or FpCodec()
         self.headroom = int(headroom)
+        self.pack = pack
+        self.layout: PackedLayout | None = None  # set while the slots are stored packed
+        self.version = 0  # bumped by every change of the held slots or statistics
         self.parts: dict[str, Tensor] = {}
         self.stats: dict[str, Tensor] = {}
         self.n = 0
@@ -82,16 +98,35 @@ class SlotStore:
 
     # -- reading ------------------------------------------------------------------------------
     @property
+    def packed(self) -> bool:
+        return self.layout is not None
+
+    @property
     def capacity(self) -> int:
+        """Slots per head the view can reach before a buffer must grow (packed: the fullest segment's)."""
+        if self.layout is not None:
+            return self.n + self.layout.free
         return self.parts["valid"].shape[2] if self.parts else 0
 
+    @property
+    def batch_heads(self) -> tuple[int, int]:
+        if self.layout is not None:
+            return self.layout.batch_heads
+        b, h = self.parts["valid"].shape[:2]
+        return int(b), int(h)
+
     def view(self) -> SlotState | None:
-        """The held slots as a :class:`SlotState` of views (the same object until the store changes)."""
+        """The held slots as a dense :class:`SlotState` (the same object until the store changes):
+        views of the buffers, or for a packed store a gather of them (:meth:`release_view`)."""
         if not self.parts:
             return None
         if self._view is None:
             n = self.n
-            p = {k: v[:, :, :n] for k, v in self.parts.items()}
+            if self.layout is None:
+                p = {k: v[:, :, :n] for k, v in self.parts.items()}
+            else:
+                idx = self.layout.view_index()
+                p = {k: v[idx] for k, v in self.parts.items()}
             self._view = SlotState(
                 keys=self.codec.decode({k[5:]: v for k, v in p.items() if k.startswith("keys.")}),
                 values=self.codec.decode({k[7:]: v for k, v in p.items() if k.startswith("values.")}),
@@ -102,24 +137,66 @@ class SlotStore:
             )
         return self._view
 
+    def release_view(self) -> None:
+        """Drop a packed store's materialised view (the end of a layer pass); a dense store's view
+        is views of its buffers and costs nothing to keep."""
+        if self.layout is not None:
+            self._view = None
+
     def nbytes(self) -> int:
-        """Bytes allocated: every buffer at its capacity, plus the statistics."""
+        """Bytes allocated: every buffer at its capacity, the statistics and the packed layout."""
         tensors = [*self.parts.values(), *self.stats.values()]
+        if self.layout is not None:
+            tensors += [self.layout.start, self.layout.prefix, self.layout.cap]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def kv_bytes(self, slots: int | None = None) -> int:
-        """Key and value bytes of ``slots`` slots per row and head (default: the slots held)."""
-        slots = self.n if slots is None else slots
+    def slot_count(self) -> int:
+        """Slots held, content and padding, summed over rows and heads."""
+        if not self.parts:
+            return 0
+        if self.layout is not None:
+            return int(self.layout.used.sum())
+        b, h = self.batch_heads
+        return b * h * self.n
+
+    def content_count(self) -> int:
+        """Content slots held, summed over rows and heads."""
+        if not self.parts:
+            return 0
+        if self.layout is not None:
+            return int(self.parts["valid"].sum())  # free room and the zero slot are never valid
+        return int(self.parts["valid"][:, :, : self.n].sum())
+
+    def _slot_bytes(self, kv_only: bool) -> int:
+        """Bytes of one slot of one head, summed over the parts (keys and values only if ``kv_only``)."""
+        lead = 1 if self.layout is not None else 3
         return sum(
-            t.shape[0] * t.shape[1] * slots * math.prod(t.shape[3:]) * t.element_size()
+            math.prod(t.shape[lead:]) * t.element_size()
             for k, t in self.parts.items()
-            if k.startswith(("keys.", "values."))
+            if not kv_only or k.startswith(("keys.", "values."))
         )
 
+    def kv_bytes(self, slots: int | None = None) -> int:
+        """Key and value bytes of the slots held (content and padding), or of ``slots`` slots per
+        row and head."""
+        if not self.parts:
+            return 0
+        if slots is None:
+            return self.slot_count() * self._slot_bytes(True)
+        b, h = self.batch_heads
+        return b * h * slots * self._slot_bytes(True)
+
     def reserved_bytes(self) -> int:
-        """Bytes of allocated capacity beyond the slots held (every buffer)."""
-        free = self.capacity - self.n
-        return sum(t.shape[0] * t.shape[1] * free * math.prod(t.shape[3:]) * t.element_size() for t in self.parts.values())
+        """Bytes of allocated capacity beyond the slots held (every buffer; packed: the free room
+        of every segment)."""
+        if not self.parts:
+            return 0
+        if self.layout is not None:
+            free = self.layout.size - int(self.layout.used.sum())
+        else:
+            b, h = self.batch_heads
+            free = b * h * (self.capacity - self.n)
+        return free * self._slot_bytes(False)
 
     # -- writing ------------------------------------------------------------------------------
     def _encode(self, st: SlotState) -> dict[str, Tensor]:
@@ -140,13 +217,17 @@ class SlotStore:
         self.shared = False
         self.allocations += 1
 
-    def append(self, new: SlotState) -> SlotState:
+    def append(self, new: SlotState) -> SlotState | None:
         """Append ``new``'s slots after the held ones (in place when capacity allows); new slots get
-        zero statistics. Returns the new view."""
+        zero statistics. Returns the new view (``None`` for a packed store: its view is a gather,
+        made only when a pass needs it)."""
         enc = self._encode(new)
         q = new.num_slots
         need = self.n + q
-        if not self.parts:
+        self.version += 1
+        if self.layout is not None:
+            self._append_packed(enc, q)
+        elif not self.parts:
             if self.headroom == 0 and all(_owns_storage(t) for t in enc.values()):
                 self.parts, self.shared = dict(enc), False  # the first pass: adopt its tensors as they are
                 self.allocations += 1
@@ -166,7 +247,60 @@ class SlotStore:
         self.stats = {k: torch.cat([v, v.new_zeros(b, h, q, *v.shape[3:])], dim=2) for k, v in self.stats.items()}
         self.n = need
         self._view = None
-        return self.view()  # type: ignore[return-value]
+        return None if self.layout is not None else self.view()
+
+    def _append_packed(self, enc: dict[str, Tensor], q: int) -> None:
+        """Write ``q`` new slots per head after each segment's held ones; segments short of room
+        grow (all at once, by :func:`kvframe.packing.growth`)."""
+        self._own()
+        lay = self.layout
+        assert lay is not None
+        if q > lay.free:
+            need = lay.used + q
+            fresh = packing.layout_for(need, lay.base, packing.growth(need, self.headroom))
+            grown = PackedLayout(fresh.start, lay.prefix, fresh.cap, lay.base, lay.tail, fresh.size, fresh.free + q)
+            self.parts = packing.repack(self.parts, lay, grown)
+            self.allocations += 1
+            self.copied_slots += int(lay.used.max())
+            lay = grown
+        idx = lay.segment_index(lay.tail, q)
+        for k, t in enc.items():
+            self.parts[k][idx] = t.to(self.parts[k].dtype)
+        self.layout = lay.appended(q)
+
+    def write_tail(self, q: int, positions: Tensor | None = None, valid: Tensor | None = None, keys: Tensor | None = None) -> None:
+        """Overwrite fields of the last ``q`` appended slots of every head (``[B, H, q, ...]``), in
+        place: their positions and validity once the attention function knows them, re-rotated keys
+        in re-index mode."""
+        pairs: list[tuple[str, Tensor]] = []
+        if keys is not None:
+            pairs += [(f"keys.{k}", t) for k, t in self.codec.parts(keys).items()]
+        pairs += [(k, t) for k, t in (("positions", positions), ("valid", valid)) if t is not None]
+        if self.layout is None:
+            for k, t in pairs:
+                self.parts[k][:, :, self.n - q : self.n].copy_(t)
+        else:
+            idx = self.layout.segment_index(self.layout.tail - q, q)
+            for k, t in pairs:
+                self.parts[k][idx] = t.to(self.parts[k].dtype)
+            self._view = None
+        self.version += 1
+
+    def tail_keys(self, q: int) -> Tensor:
+        """The keys ``[B, H, q, D]`` of the last ``q`` appended slots of every head."""
+        if self.layout is None:
+            view = self.view()
+            assert view is not None
+            return view.keys[:, :, -q:]
+        idx = self.layout.segment_index(self.layout.tail - q, q)
+        return self.codec.decode({k[5:]: v[idx] for k, v in self.parts.items() if k.startswith("keys.")})
+
+    def packed_slots(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """A packed store's flat parts (``[N + 1, ...]``; keys and values still encoded by the
+        codec), each head's first flat index ``[B, H]`` and its slots held ``[B, H]`` (prefix and
+        appended slots, contiguous: the dense view's padding between them is not stored)."""
+        assert self.layout is not None, "packed_slots() of a dense store"
+        return self.parts, self.layout.start, self.layout.used
 
     def install(self, state: SlotState | None) -> None:
         """Make ``state`` the held slots (a compressed, trimmed or re-ordered state, or new stats).
@@ -174,16 +308,31 @@ class SlotStore:
         Tensors that are the current view's own are kept as they are; otherwise the state is copied
         into the buffers if they fit (see the module docstring) or becomes new buffers."""
         if state is None:
-            self.parts, self.stats, self.n, self._view, self.shared = {}, {}, 0, None, False
+            self.parts, self.stats, self.n, self._view, self.shared, self.layout = {}, {}, 0, None, False, None
+            self.version += 1
             return
         cur = self._view if self._view is not None else self.view()
         if cur is not None and all(getattr(state, f) is getattr(cur, f) for f in ("keys", "values", *_META)):
             if state.stats is not cur.stats:  # only statistics changed
                 self.stats = dict(state.stats)
-                self._view = None
+                self._view = None if self.layout is None else cur.replace(stats=self.stats)
+                self.version += 1
             return
+        self.version += 1
         enc = self._encode(state)
         m = state.num_slots
+        b, h = state.batch_size, state.num_heads
+        if self.pack and b * h > 1 and m > 0 and packing.padding_fraction(state.valid, m) > PACK_TOLERANCE:
+            lay = packing.layout_for(packing.segment_lengths(state.valid), m, self.headroom)
+            self.parts, self.layout, self.shared = packing.pack(enc, lay), lay, False
+            self.allocations += 1
+            self.copied_slots += m
+            self.stats = dict(state.stats)
+            self.n = m
+            self._view = None
+            return
+        if self.layout is not None:  # back to the dense layout: new buffers
+            self.parts, self.layout = {}, None
         target = m + self.headroom
         same_shape = bool(self.parts) and all(
             k in self.parts and self.parts[k].shape[:2] == t.shape[:2] and self.parts[k].shape[3:] == t.shape[3:]
@@ -216,8 +365,32 @@ class SlotStore:
 
     def _own(self) -> None:
         """Copy shared buffers before writing into them (copy-on-write)."""
-        if self.shared:
+        if self.shared and self.layout is not None:
+            self.parts = {k: v.clone() for k, v in self.parts.items()}
+            self.shared = False
+            self.allocations += 1
+            self.copied_slots += self.n
+        elif self.shared:
             self._allocate(self.parts, self.capacity, self.n)
+
+    def unpack(self) -> None:
+        """Return a packed store to the dense layout (``n + headroom`` slots per head); the view,
+        and so every slot index a policy computed on it, stays the same."""
+        if self.layout is None:
+            return
+        idx = self.layout.view_index()
+        dense = {k: v[idx] for k, v in self.parts.items()}
+        self.layout = None
+        if self.headroom:
+            self.parts = {}
+            self._allocate(dense, self.n + self.headroom, 0)
+            for k, t in dense.items():
+                self.parts[k][:, :, : self.n].copy_(t)
+        else:
+            self.parts, self.shared = dense, False
+            self.allocations += 1
+        self.copied_slots += self.n
+        self._view = None
 
     @staticmethod
     def _slot_index(index: Tensor, t: Tensor) -> Tensor:
@@ -278,7 +451,9 @@ class SlotStore:
         """Overwrite the keys ``[B, H, U, D]`` of the slots at ``index`` (padding entries after a
         head's real ones; ``None``: ``keys`` are all ``n`` held slots') and (optionally) every held
         slot's positions ``[B, H, n]``, in place (a re-index: re-rotated keys, renumbered positions)."""
+        self.unpack()
         self._own()
+        self.version += 1
         if keys is not None and index is None:
             for k, t in self.codec.parts(keys).items():
                 self.parts[f"keys.{k}"][:, :, : self.n].copy_(t)
@@ -297,8 +472,11 @@ class SlotStore:
         the store shrinks to the most content slots a head now holds: each head's valid slots past
         that length move into its first empty slots. Moves O(evicted + targets) slots (what
         ``copied_slots`` counts: at most targets + moved per row and head); slots stop being in
-        position order (positions stay exact). No host synchronisation but the new length."""
+        position order (positions stay exact). No host synchronisation but the new length. A packed
+        store returns to the dense layout first (:meth:`unpack`)."""
+        self.unpack()
         self._own()
+        self.version += 1
         n = self.n
         stats = {k: v.clone() for k, v in ev.stats.items()}  # small [B, H, n] bookkeeping
         u = ev.targets.shape[-1]
@@ -351,6 +529,9 @@ class SlotStore:
 
     def truncate(self, n: int, stats: dict[str, Tensor] | None = None) -> None:
         """Keep the first ``n`` slots (drop what a scoring pass appended); optionally new stats."""
+        if n != self.n:
+            self.unpack()
+        self.version += 1
         self.n = n
         self.stats = {k: v[:, :, :n] for k, v in (self.stats if stats is None else stats).items()}
         self._view = None

@@ -21,9 +21,8 @@ def _prefill(model, comp, ids, mask):
 
 def _tensors(cache):
     out = []
-    for layer in cache.layers:
-        st = layer.state
-        out += [st.keys, st.values, st.positions, st.log_weights, st.valid, *st.stats.values()]
+    for layer in cache.layers:  # the store's own buffers (a packed store's view is a gather made per pass)
+        out += [*layer.store.parts.values(), *layer.store.stats.values()]
         out += [t for t in (layer.shift, layer.valid_seen, layer.next_position) if t is not None]
     return out
 
