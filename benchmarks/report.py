@@ -100,6 +100,8 @@ def compiled(d: dict) -> list[str]:
 
 
 def decode(d: dict) -> list[str]:
+    if "bandwidth" in d:
+        return decode_vs_limit(d)
     rows = d["rows"]
     budgets = [b for b in d["settings"]["budgets"]]
     out = ["### Decode step: full cache vs compressed", "",
@@ -120,7 +122,83 @@ def decode(d: dict) -> list[str]:
     return out + [""]
 
 
+def _cell(rows: list[dict], **match) -> dict | None:
+    hit = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return hit[0] if hit else None
+
+
+def decode_vs_limit(d: dict) -> list[str]:
+    """decode_step.py results with the measured bandwidth, the DynamicCache reference and the physical limit."""
+    rows, bw = d["rows"], d["bandwidth"]
+    budgets = list(d["settings"]["budgets"])
+    masked = any(r["config"] == "full_masked" for r in rows)
+    out = ["### Decode step: DynamicCache vs kvframe, full vs compressed, against the physical limit", "",
+           f"Machine: {_machine(d)}. `benchmarks/decode_step.py`: one-token step of SmolLM2-135M fp32, all configurations "
+           f"interleaved step by step. Memory bandwidth measured in the same run and threads "
+           f"({bw['buffer_bytes'] / 1e6:.0f} MB buffers): copy {bw['copy_gb_s']:.1f} GB/s (read + written), read "
+           f"{bw['read_gb_s']:.1f} GB/s. The physical limit of a step is (weights + KV held) bytes / read bandwidth, the "
+           "read bandwidth sampled among that context and batch's steps. DynamicCache = plain transformers (no kvframe "
+           "attached, the model's own SDPA), same prompt keys and values.", "",
+           "Step time and speed-up: full / DynamicCache (target ≤ 1.0), then full / compressed with the bandwidth-limit "
+           "speed-up (weights + full KV) / (weights + kept KV) in brackets:", "",
+           "| context | batch | DynamicCache ms | full ms | full / DynamicCache | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+           "|---|---|---|---|---|" + "---|" * len(budgets)]
+    keys = sorted({(r["context"], r["batch"]) for r in rows})
+    for c, bt in keys:
+        dyn = _cell(rows, context=c, batch=bt, config="dynamic_cache")
+        full = _cell(rows, context=c, batch=bt, config="full")
+        cells = []
+        for b in budgets:
+            hit = _cell(rows, context=c, batch=bt, budget=b)
+            cells.append(f"{hit['speedup']:.2f}× ({hit['bandwidth_limit']:.2f})" if hit else "—")
+        ratio = full.get("vs_dynamic_cache") if full else None
+        out.append(f"| {_k(c)} | {bt} | {dyn['step_ms']:.1f} | " if dyn else f"| {_k(c)} | {bt} | — | ")
+        out[-1] += (f"{full['step_ms']:.1f} | " if full else "— | ") + ("—" if ratio is None else f"{ratio:.2f}") + " | "
+        out[-1] += " | ".join(cells) + " |"
+    configs = ["dynamic_cache", "full", *(["full_masked"] if masked else []), *(f"budget {b}" for b in budgets)]
+    names = {"dynamic_cache": "DynamicCache"}
+    out += ["", "Measured step / physical limit (limit ms in brackets; 1.00 = the step streams its bytes at the read "
+            "bandwidth):", "",
+            "| context | batch | read GB/s | " + " | ".join(names.get(n, n) for n in configs) + " |",
+            "|---|---|---|" + "---|" * len(configs)]
+    for c, bt in keys:
+        cells, gbs = [], None
+        for n in configs:
+            hit = _cell(rows, context=c, batch=bt, config=n)
+            gbs = gbs or (hit and hit.get("read_gb_s"))
+            cells.append(f"{hit['over_limit']:.2f} ({hit['limit_ms']:.0f})" if hit else "—")
+        out.append(f"| {_k(c)} | {bt} | {'—' if gbs is None else f'{gbs:.1f}'} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def stream(d: dict) -> list[str]:
+    rows = d["rows"]
+    w = d["window"]
+    first, last = d.get("first_window_positions", [d["prompt"], d["prompt"] + w - 1]), d.get(
+        "last_window_positions", [d["until"] - w, d["until"] - 1])
+    out = ["### Decode-time stream: eviction cards at a fixed capacity vs the full cache", "",
+           f"Machine: {_machine(d)}. `benchmarks/stream.py`: SmolLM2-135M fp32, batch 1, a {d['prompt']}-token prompt then "
+           f"one token per step to stream position {d['until']}; every card at capacity {d['capacity']} (one eviction or "
+           "merge per step, in place), all configurations interleaved step by step. vs full = mean step / the full "
+           f"cache's mean step (target ≤ 1.0), over the whole stream and over the last {w} steps; eviction ms = the "
+           f"trigger firing + eviction per step (all layers), mean over positions {first[0]}–{first[1]} and "
+           f"{last[0]}–{last[1]}, and their ratio (target ≤ 1.2).", "",
+           f"| config | step ms | vs full | vs full, last {w} | eviction ms near {first[0]} | near {last[1] + 1} | last / first |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["config"] == "full":
+            out.append(f"| full | {r['step_ms']:.1f} | 1.00 | 1.00 | — | — | — |")
+            continue
+        growth = "—" if r.get("compress_growth") is None else f"{r['compress_growth']:.2f}"
+        vs_last = "—" if r.get("vs_full_last") is None else f"{r['vs_full_last']:.2f}"
+        out.append(f"| {r['config']} | {r['step_ms']:.1f} | {r['vs_full']:.2f} | {vs_last} | {r['compress_ms_first']:.2f} | "
+                   f"{r['compress_ms_last']:.2f} | {growth} |")
+    return out + [""]
+
+
 def cache_memory(d: dict) -> list[str]:
+    if "bytes_per_slot" in d:
+        return cache_memory_per_card(d)
     out = ["### Cache bytes actually held", "",
            f"Machine: {_machine(d)}. `benchmarks/cache_memory.py`: KV bytes after compression / (budget × full KV bytes); "
            "1.00 means the tensors shrank exactly as budgeted (head-wise budgets: adakv, pyramidkv per layer).", "",
@@ -130,6 +208,39 @@ def cache_memory(d: dict) -> list[str]:
             continue
         out.append(f"| {r['method']} | {r['budget']} | {r['kv_over_budget_x_full']:.3f} | {r['padding_slots']:,} |")
     return out + [""]
+
+
+def cache_memory_per_card(d: dict) -> list[str]:
+    """cache_memory.py results for every registered card, with KV / content and error rows."""
+    rows = [r for r in d["rows"] if r["budget"] is not None]
+    budgets = list(d["settings"]["budgets"])
+    tokens = d["settings"]["tokens"]
+    out = ["### Cache bytes actually held, every registered card", "",
+           f"Machine: {_machine(d)}. `benchmarks/cache_memory.py`: one {_k(tokens)}-token prefill per card and budget. "
+           "KV / (budget × full) = KV bytes held after compression / (budget × full KV bytes): 1.00 means the tensors "
+           "shrank exactly as budgeted (target ≤ 1.02). KV / content = KV bytes / (content slots × "
+           f"{d['bytes_per_slot']} bytes per slot): above 1.00 only by padding slots (ragged per-head budgets).", "",
+           "| card | " + " | ".join(f"KV / (budget × full) at {b}" for b in budgets) + " | "
+           + " | ".join(f"KV / content at {b}" for b in budgets) + " | "
+           + " | ".join(f"padding slots at {b}" for b in budgets) + " |",
+           "|---|" + "---|" * (3 * len(budgets))]
+    errors = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells: dict[str, list[str]] = {"a": [], "c": [], "p": []}
+        for b in budgets:
+            r = _cell(rows, method=m, budget=b)
+            if r is None or "error" in r:
+                for k in cells:
+                    cells[k].append("error" if r else "—")
+                if r:
+                    errors.append(f"- {m} at {b}: {r['error'].splitlines()[0][:200]}")
+                continue
+            cells["a"].append(f"{r['kv_over_budget_x_full']:.3f}")
+            cells["c"].append("—" if r.get("kv_over_content") is None else f"{r['kv_over_content']:.3f}")
+            cells["p"].append(f"{r['padding_slots']:,}")
+        out.append(f"| {m} | " + " | ".join(cells["a"] + cells["c"] + cells["p"]) + " |")
+    out.append("")
+    return out + (errors + [""] if errors else [])
 
 
 def scaling(d: dict) -> list[str]:
@@ -149,7 +260,7 @@ def section() -> str:
              "`benchmarks/results/`. Every figure is a ratio measured side by side in one run, or an absolute time with its "
              "machine named.", ""]
     for name, fn in (("overhead", overhead), ("kvpress_compare", kvpress), ("compiled", compiled),
-                     ("decode_step", decode), ("cache_memory", cache_memory), ("scaling", scaling)):
+                     ("decode_step", decode), ("stream", stream), ("cache_memory", cache_memory), ("scaling", scaling)):
         d = _load(name)
         if d is not None:
             parts += fn(d)

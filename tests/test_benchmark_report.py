@@ -18,7 +18,7 @@ def test_readme_performance_section_matches_results():
 
 def test_every_benchmark_script_has_a_help():
     scripts = ("overhead", "decode_step", "scaling", "compiled", "kvpress_compare", "cache_memory", "seed_methods",
-               "lm_eval_local", "eval_default", "footprint")
+               "lm_eval_local", "eval_default", "footprint", "stream")
 
     def run(script: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True,
