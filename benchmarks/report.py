@@ -177,21 +177,22 @@ def stream(d: dict) -> list[str]:
     first, last = d.get("first_window_positions", [d["prompt"], d["prompt"] + w - 1]), d.get(
         "last_window_positions", [d["until"] - w, d["until"] - 1])
     out = ["### Decode-time stream: eviction cards at a fixed capacity vs the full cache", "",
-           f"Machine: {_machine(d)}. `benchmarks/stream.py`: SmolLM2-135M fp32, batch 1, a {d['prompt']}-token prompt then "
+           f"Machine: {_machine(d)}. `benchmarks/stream.py`: SmolLM2-135M fp32, batch {', '.join(map(str, d.get('batches', [1])))}, a {d['prompt']}-token prompt then "
            f"one token per step to stream position {d['until']}; every card at capacity {d['capacity']} (one eviction or "
            "merge per step, in place), all configurations interleaved step by step. vs full = mean step / the full "
            f"cache's mean step (target ≤ 1.0), over the whole stream and over the last {w} steps; eviction ms = the "
            f"trigger firing + eviction per step (all layers), mean over positions {first[0]}–{first[1]} and "
            f"{last[0]}–{last[1]}, and their ratio (target ≤ 1.2).", "",
-           f"| config | step ms | vs full | vs full, last {w} | eviction ms near {first[0]} | near {last[1] + 1} | last / first |",
-           "|---|---|---|---|---|---|---|"]
+           f"| config | batch | step ms | vs full | vs full, last {w} | eviction ms near {first[0]} | near {last[1] + 1} | last / first |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        bt = r.get("batch", 1)
         if r["config"] == "full":
-            out.append(f"| full | {r['step_ms']:.1f} | 1.00 | 1.00 | — | — | — |")
+            out.append(f"| full | {bt} | {r['step_ms']:.1f} | 1.00 | 1.00 | — | — | — |")
             continue
         growth = "—" if r.get("compress_growth") is None else f"{r['compress_growth']:.2f}"
         vs_last = "—" if r.get("vs_full_last") is None else f"{r['vs_full_last']:.2f}"
-        out.append(f"| {r['config']} | {r['step_ms']:.1f} | {r['vs_full']:.2f} | {vs_last} | {r['compress_ms_first']:.2f} | "
+        out.append(f"| {r['config']} | {bt} | {r['step_ms']:.1f} | {r['vs_full']:.2f} | {vs_last} | {r['compress_ms_first']:.2f} | "
                    f"{r['compress_ms_last']:.2f} | {growth} |")
     return out + [""]
 

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--until", type=int, default=2048, help="stream position of the last token (default 2048)")
     ap.add_argument("--capacity", type=int, default=256, help="absolute budget of every card (default 256)")
     ap.add_argument("--window", type=int, default=64, help="steps averaged at the start and at the end (default 64)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes, each its own interleaved run (default 1)")
     ap.add_argument("--cards", nargs="+", default=CARDS, help=f"decode-time cards (default: {' '.join(CARDS)})")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own choice, or 1 if the machine is already busy)")
@@ -70,57 +71,65 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_model("smollm2-135m", dtype="float32")
     model.eval()
     arg = cache_argument(model)
-    ids = torch.randint(10, 1000, (1, args.until))
     names = ["full", *args.cards]
-    runs = {}
-    with torch.no_grad(), kvframe.attach(model, kvframe.build("full")):
-        # an explicit SlotCache runs with its own compressor inside any attach block
-        for name in names:
-            comp = kvframe.build(name) if name == "full" else kvframe.build(name, budget=args.capacity)
-            cache = kvframe.SlotCache.for_model(model, comp)
-            model(ids[:, : args.prompt], use_cache=True, logits_to_keep=1, **{arg: cache})
-            runs[name] = {"cache": cache, "step_s": [], "compress_s": []}
-        for i in range(args.prompt, args.until):
-            tok = ids[:, i : i + 1]
-            for name in names:
-                r = runs[name]
-                before = r["cache"].compression_seconds
-                t0 = time.perf_counter()
-                model(tok, use_cache=True, logits_to_keep=1, **{arg: r["cache"]})
-                r["step_s"].append(time.perf_counter() - t0)
-                r["compress_s"].append(r["cache"].compression_seconds - before)
     w = args.window
-    full_mean = statistics.mean(runs["full"]["step_s"])
-    full_last = statistics.mean(runs["full"]["step_s"][-w:])
     rows = []
-    for name in names:
-        r = runs[name]
-        mem = r["cache"].memory()
-        early = statistics.mean(r["compress_s"][:w]) * 1e3
-        late = statistics.mean(r["compress_s"][-w:]) * 1e3
-        mean = statistics.mean(r["step_s"])
-        last = statistics.mean(r["step_s"][-w:])
-        rows.append({
-            "config": name,
-            "slots_per_head": int(r["cache"].layers[0].state.content_slots().max()),
-            "kv_mb": round(mem.kv_bytes / 1e6, 2),
-            "step_ms": round(mean * 1e3, 2),
-            "vs_full": round(mean / full_mean, 3),
-            "step_ms_last": round(last * 1e3, 2),
-            "vs_full_last": round(last / full_last, 3),
-            "compress_ms_first": round(early, 3),
-            "compress_ms_last": round(late, 3),
-            "compress_growth": round(late / early, 3) if early > 0 else None,
-        })
+    raw_step: dict[str, list[float]] = {}
+    raw_compress: dict[str, list[float]] = {}
+    for batch in args.batches:
+        ids = torch.randint(10, 1000, (batch, args.until))
+        runs = {}
+        with torch.no_grad(), kvframe.attach(model, kvframe.build("full")):
+            # an explicit SlotCache runs with its own compressor inside any attach block
+            for name in names:
+                comp = kvframe.build(name) if name == "full" else kvframe.build(name, budget=args.capacity)
+                cache = kvframe.SlotCache.for_model(model, comp)
+                model(ids[:, : args.prompt], use_cache=True, logits_to_keep=1, **{arg: cache})
+                runs[name] = {"cache": cache, "step_s": [], "compress_s": []}
+            for i in range(args.prompt, args.until):
+                tok = ids[:, i : i + 1]
+                for name in names:
+                    r = runs[name]
+                    before = r["cache"].compression_seconds
+                    t0 = time.perf_counter()
+                    model(tok, use_cache=True, logits_to_keep=1, **{arg: r["cache"]})
+                    r["step_s"].append(time.perf_counter() - t0)
+                    r["compress_s"].append(r["cache"].compression_seconds - before)
+        full_mean = statistics.mean(runs["full"]["step_s"])
+        full_last = statistics.mean(runs["full"]["step_s"][-w:])
+        for name in names:
+            r = runs[name]
+            mem = r["cache"].memory()
+            early = statistics.mean(r["compress_s"][:w]) * 1e3
+            late = statistics.mean(r["compress_s"][-w:]) * 1e3
+            mean = statistics.mean(r["step_s"])
+            last = statistics.mean(r["step_s"][-w:])
+            rows.append({
+                "config": name,
+                "batch": batch,
+                "slots_per_head": int(r["cache"].layers[0].content_slots().max()),
+                "kv_mb": round(mem.kv_bytes / 1e6, 2),
+                "step_ms": round(mean * 1e3, 2),
+                "vs_full": round(mean / full_mean, 3),
+                "step_ms_last": round(last * 1e3, 2),
+                "vs_full_last": round(last / full_last, 3),
+                "compress_ms_first": round(early, 3),
+                "compress_ms_last": round(late, 3),
+                "compress_growth": round(late / early, 3) if early > 0 else None,
+            })
+            raw_step[f"{name}@{batch}"] = r["step_s"]
+            raw_compress[f"{name}@{batch}"] = r["compress_s"]
+        del runs
     out = {"benchmark": "stream", "machine": machine(), "threads": threads, "model": "SmolLM2-135M-Instruct fp32",
            "prompt": args.prompt, "until": args.until, "capacity": args.capacity, "window": w,
            "first_window_positions": [args.prompt, args.prompt + w - 1], "last_window_positions": [args.until - w, args.until - 1],
            "wall_s": round(time.perf_counter() - t_start, 1),
            "versions": {"torch": torch.__version__, "kvframe": kvframe.__version__, "python": sys.version.split()[0],
                         "transformers": __import__("transformers").__version__},
+           "batches": args.batches,
            "rows": rows,
-           "raw_step_s": {name: runs[name]["step_s"] for name in names},
-           "raw_compress_s": {name: runs[name]["compress_s"] for name in names}}
+           "raw_step_s": raw_step,
+           "raw_compress_s": raw_compress}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     m = out["machine"]
@@ -129,21 +138,21 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), CPU; threads {threads}. "
         f"Prompt {args.prompt} tokens, then one token per step to stream position {args.until} "
-        f"({args.until - args.prompt} steps), batch 1, eager. Cards at absolute budget {args.capacity}, evicting in place. "
+        f"({args.until - args.prompt} steps), batch {', '.join(map(str, args.batches))} (each its own run), eager. Cards at absolute budget {args.capacity}, evicting in place. "
         f"All configurations held at once and timed interleaved step by step. vs full = mean step / full's mean step "
         f"over the whole stream (side by side), and over the last {w} steps (positions {args.until - w}-{args.until - 1}, "
         f"where the full cache is largest). compress ms = trigger firing + in-place eviction per step (all layers), mean "
         f"of the first {w} steps (positions {args.prompt}-{args.prompt + w - 1}) and of the last {w}; last / first is their "
         f"ratio. Step and compress ms are absolute on this machine. Wall time {out['wall_s']} s.",
         "",
-        "| config | slots/head at the end | KV MB | step ms | vs full | step ms, last | vs full, last | compress ms, first "
+        "| config | batch | slots/head at the end | KV MB | step ms | vs full | step ms, last | vs full, last | compress ms, first "
         "| compress ms, last | last / first |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         growth = "—" if r["compress_growth"] is None else f"{r['compress_growth']:.2f}"
         lines.append(
-            f"| {r['config']} | {r['slots_per_head']} | {r['kv_mb']:.1f} | {r['step_ms']:.1f} | {r['vs_full']:.2f} | "
+            f"| {r['config']} | {r['batch']} | {r['slots_per_head']} | {r['kv_mb']:.1f} | {r['step_ms']:.1f} | {r['vs_full']:.2f} | "
             f"{r['step_ms_last']:.1f} | {r['vs_full_last']:.2f} | {r['compress_ms_first']:.2f} | {r['compress_ms_last']:.2f} "
             f"| {growth} |"
         )

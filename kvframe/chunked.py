@@ -160,6 +160,7 @@ def _scoring_pass(call: Callable[..., Any], args: dict[str, Any], cache: SlotCac
             if cache.rope is not None:  # d/dk_pre = R(p)^T d/dk_rot: rotate the gradient back by the position
                 g = cache.rope.unrotate(g, torch.where(st.valid, st.positions, 0), i)
             layer.state = st.with_stats(grad=g)
+            layer.release_view()
 
 
 def _compress_past(cache: SlotCache) -> None:
@@ -180,3 +181,4 @@ def _compress_past(cache: SlotCache) -> None:
             # gradients are per chunk (AsymKV recomputes them at every scoring pass): do not hold a
             # second key-sized tensor in the cache while decoding
             layer.state = layer.state.replace(stats={k: v for k, v in layer.state.stats.items() if k != "grad"})
+        layer.release_view()  # a packed store holds no dense view between passes

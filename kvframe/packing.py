@@ -110,6 +110,14 @@ def empty_value(name: str) -> float | int | bool:
     return {"positions": INVALID_POSITION, "valid": False}.get(name, 0)
 
 
+def _flat(name: str, like: Tensor, size: int, trailing: tuple[int, ...]) -> Tensor:
+    """A flat buffer ``[size + 1, *trailing]`` for part ``name``: free room uninitialised (``valid``:
+    false), entry ``size`` the zero slot."""
+    new = (torch.zeros if name == "valid" else torch.empty)((size + 1, *trailing), dtype=like.dtype, device=like.device)
+    new[size] = empty_value(name)
+    return new
+
+
 def pack(dense: dict[str, Tensor], layout: PackedLayout) -> dict[str, Tensor]:
     """Flat buffers ``[N + 1, ...]`` holding the first ``layout.prefix`` slots of every head of the
     dense ``[B, H, S, ...]`` parts; free room is uninitialised except ``valid`` (false), and entry
@@ -120,10 +128,8 @@ def pack(dense: dict[str, Tensor], layout: PackedLayout) -> dict[str, Tensor]:
     dst = (layout.start[..., None] + torch.arange(s, device=any_t.device))[keep]
     out = {}
     for k, t in dense.items():
-        new = (torch.zeros if k == "valid" else torch.empty)((layout.size + 1, *t.shape[3:]), dtype=t.dtype, device=t.device)
-        new[layout.size] = empty_value(k)
-        new[dst] = t[keep]
-        out[k] = new
+        out[k] = _flat(k, t, layout.size, tuple(t.shape[3:]))
+        out[k][dst] = t[keep]
     return out
 
 
@@ -136,10 +142,8 @@ def repack(flat: dict[str, Tensor], old: PackedLayout, new: PackedLayout) -> dic
     dst = (new.start[..., None] + ar)[keep]
     out = {}
     for k, t in flat.items():
-        buf = (torch.zeros if k == "valid" else torch.empty)((new.size + 1, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        buf[new.size] = empty_value(k)
-        buf[dst] = t[src]
-        out[k] = buf
+        out[k] = _flat(k, t, new.size, tuple(t.shape[1:]))
+        out[k][dst] = t[src]
     return out
 
 
