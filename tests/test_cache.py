@@ -27,6 +27,10 @@ def _tensors(cache):
     return out
 
 
+def _bits(t):
+    return t.contiguous().view(torch.uint8) if t.dtype != torch.bool else t
+
+
 def test_fork_shares_tensors_and_copies_bookkeeping():
     model = tiny_model("llama")
     ids, mask = left_padded(2, 40, [0, 6])
@@ -61,7 +65,8 @@ def test_decoding_on_a_fork_leaves_the_original_bit_identical(name):
                        **{cache_argument(model): fork})
     assert fork.layers[0].seen == 46 and fork.layers[0].compressions > cache.layers[0].compressions
     after = _tensors(cache)
-    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+    # bit for bit: the buffers' free capacity is uninitialised memory (possibly NaN patterns)
+    assert len(after) == len(before) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(after, before))
     assert [layer.seen for layer in cache.layers] == seen
 
 
