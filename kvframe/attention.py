@@ -26,7 +26,7 @@ from kvframe.errors import UnsupportedModelError
 from kvframe.kernels.decode import DECODE_MAX_QUERIES, slot_attention_reference, slot_decode_attention
 from kvframe.kernels import use_triton
 from kvframe.kernels.packed import slot_decode_attention_packed
-from kvframe.layer_pass import after_attention, finalize_new_slots, record_scoring_pass, wants_attention_stats
+from kvframe.layer_pass import PassMeta, after_attention, finalize_new_slots, record_scoring_pass, wants_attention_stats
 from kvframe.slots import SlotState
 from kvframe.stats import decode_attention_with_mass
 
@@ -81,6 +81,23 @@ def _query_meta(
     else:
         pos = (seen_before + torch.arange(q_len, device=device)).expand(batch, -1)
     return pos, valid
+
+
+def _pass_meta(
+    cache: SlotCache, q: int, batch: int, seen_before: int, attention_mask: Tensor | None, position_ids: Tensor | None,
+    device: torch.device,
+) -> PassMeta:
+    """The pass's :class:`~kvframe.layer_pass.PassMeta`, computed by its first layer and reused by
+    the others: the model hands every layer the same mask and position tensors (the memo holds them,
+    so their identity cannot be reused by other tensors while it lives)."""
+    key = (q, batch, seen_before, device)
+    memo = cache.pass_memo
+    if memo is not None and memo[0] is attention_mask and memo[1] is position_ids and memo[2] == key:
+        return memo[3]
+    qpos, qvalid = _query_meta(q, batch, seen_before, attention_mask, position_ids, device)
+    meta = PassMeta(qpos, qvalid, seen_before)
+    cache.pass_memo = (attention_mask, position_ids, key, meta)
+    return meta
 
 
 def _attend(
@@ -147,8 +164,9 @@ def kvframe_attention(
         return out.transpose(1, 2).contiguous(), None
 
     layer = cache.layers[layer_idx]
-    qpos, qvalid = _query_meta(q, b, layer.seen - layer.pending, attention_mask, position_ids, query.device)
-    new_pos = finalize_new_slots(cache, layer, layer_idx, qpos, qvalid)
+    meta = _pass_meta(cache, q, b, layer.seen - layer.pending, attention_mask, position_ids, query.device)
+    qpos, qvalid = meta.qpos, meta.qvalid
+    new_pos = finalize_new_slots(cache, layer, layer_idx, meta)
     window = layer.sliding_window if layer.is_sliding else sliding_window
     n_slots = layer.num_slots
 
@@ -162,11 +180,10 @@ def kvframe_attention(
 
     measured = None
     grad = torch.is_grad_enabled() and (query.requires_grad or _slots_require_grad(layer))
-    stats_pass = not cache.scoring and (wants_attention_stats(cache) or cache.compressor.needs_queries)
+    stats_pass = not cache.scoring and (wants_attention_stats(cache) or cache.needs_queries)
     if layer.plain and q in (1, n_slots) and (window is None or n_slots <= window):
-        state = layer.state
-        assert state is not None
-        out, _ = sdpa_attention_forward(module, query, state.keys, state.values, None, dropout=0.0, scaling=scaling)
+        # never padded, compressed or re-indexed: the held keys and values are what update returned
+        out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling)
     elif layer.store.packed and not layer.in_scratch and q <= DECODE_MAX_QUERIES and not grad and not stats_pass and use_triton(query):
         # a packed store (ragged heads): the kernel reads each head's segment, no padded view
         out = _attend_packed(layer, query, attn_qpos, scaling, window).transpose(1, 2).contiguous()

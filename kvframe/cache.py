@@ -93,6 +93,7 @@ class SlotLayer(CacheLayerMixin):
         self.next_position: Tensor | None = None  # [B] original position of the next token
         self.scoring_queries: tuple[Tensor, Tensor, Tensor, float | None] | None = None
         self.returned_keys: Tensor | None = None  # what the last update returned (the attention function's check)
+        self._placeholders: tuple[Any, Tensor, Tensor, Tensor] | None = None
 
     @property
     def state(self) -> SlotState | None:
@@ -200,16 +201,19 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
-        dev = key_states.device
-        positions = (self.seen + torch.arange(q, device=dev)).expand(b, h, q)
-        new = SlotState(
-            keys=key_states,
-            values=value_states,
-            positions=positions.clone(),
-            log_weights=torch.zeros(b, h, q, dtype=torch.float32, device=dev),
-            valid=torch.ones(b, h, q, dtype=torch.bool, device=dev),
-            stats={},
-        )
+        # positions and validity are placeholders: the attention function writes the real ones
+        # (finalize_new_slots) before anything reads them; constant per shape, made once
+        key = (b, h, q, key_states.device)
+        if self._placeholders is None or self._placeholders[0] != key:
+            dev = key_states.device
+            self._placeholders = (
+                key,
+                torch.zeros(b, h, q, dtype=torch.long, device=dev),
+                torch.zeros(b, h, q, dtype=torch.float32, device=dev),
+                torch.ones(b, h, q, dtype=torch.bool, device=dev),
+            )
+        _, pos0, lw0, valid0 = self._placeholders
+        new = SlotState(keys=key_states, values=value_states, positions=pos0, log_weights=lw0, valid=valid0, stats={})
         self.slots_before = self.num_slots if self.has_slots() else 0
         if self.in_scratch:  # a scoring pass: concatenate, leave the store untouched
             current = self.scratch
@@ -217,13 +221,17 @@ class SlotLayer(CacheLayerMixin):
                 # new slots start with zero statistics (same trailing shape as the layer's)
                 new.stats = {k: v.new_zeros(b, h, q, *v.shape[3:]) for k, v in current.stats.items()}
                 new = current.cat(new)
+            else:  # the stand-in is written in place: never the shared placeholders
+                new = new.replace(positions=pos0.clone(), log_weights=lw0.clone(), valid=valid0.clone())
             self.scratch = new
             out = (new.keys, new.values)
         else:
-            view = self.store.append(new)  # written in place into free capacity
-            # a packed store's view is made only if the pass needs it; the attention function reads
-            # the layer's slots itself, whatever the model is handed here
-            out = (key_states, value_states) if view is None else (view.keys, view.values)
+            # written in place into free capacity; positions and validity come in finalize_new_slots
+            self.store.append(new, want_view=False, meta_later=True)
+            # the view is made only if the pass needs it (a packed store's is a gather); the
+            # attention function reads the layer's slots itself, whatever the model is handed here
+            kv = self.store.kv()
+            out = (key_states, value_states) if kv is None else kv
         self.returned_keys = out[0]
         self.seen += q
         self.pending = q
@@ -347,6 +355,10 @@ class SlotCache(Cache):
         self.rope = rope
         self.num_layers = num_layers
         self.compression_seconds = 0.0  # wall time spent inside compressor.compress
+        # what every layer pass asks of the compressor, computed once (its policies are fixed)
+        self.stats_needed: tuple[str, ...] = compressor.stats
+        self.needs_queries: bool = compressor.needs_queries
+        self.pass_memo: tuple[Any, ...] | None = None  # the current forward pass's new-token metadata (kvframe.attention)
         self.scoring = False  # true during a chunked trigger's scoring pass (see kvframe.chunked)
         self._generators: dict[str, torch.Generator] = {}
 

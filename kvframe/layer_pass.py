@@ -20,6 +20,7 @@ its interface.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,30 +32,58 @@ from kvframe.slots import INVALID_POSITION, Eviction, SlotState, position_rank, 
 from kvframe.stats import attention_mass
 
 
-def finalize_new_slots(cache: SlotCache, layer: SlotLayer, layer_idx: int, qpos: Tensor, qvalid: Tensor) -> Tensor:
+@dataclass
+class PassMeta:
+    """What one forward pass's new tokens are, the same for every layer (computed once per pass by
+    the attention function): positions and validity ``[B, q]``, the positions a slot stores
+    (invalid where padding) ``[B, 1, q]``, valid tokens per row, the next original position per row,
+    and whether the pass continues a plain (unpadded, in-order) sequence."""
+
+    qpos: Tensor
+    qvalid: Tensor
+    seen_before: int
+    written: Tensor | None = None
+    n_new: Tensor | None = None
+    nxt: Tensor | None = None
+    in_order: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.written = torch.where(self.qvalid, self.qpos, INVALID_POSITION)[:, None, :]
+        self.n_new = self.qvalid.sum(-1)
+        self.nxt = torch.where(self.qvalid, self.qpos, -1).max(dim=-1).values + 1
+
+    def continues_plain(self) -> bool:
+        if self.in_order is None:
+            expected = self.seen_before + torch.arange(self.qpos.shape[-1], device=self.qpos.device)
+            self.in_order = bool((self.qvalid & (self.qpos == expected)).all())
+        return self.in_order
+
+
+def finalize_new_slots(cache: SlotCache, layer: SlotLayer, layer_idx: int, meta: PassMeta) -> Tensor:
     """Write the new slots' positions and validity; in re-index mode move them into cache positions.
     Returns the new slots' positions ``[B, H, q]`` (cache positions in re-index mode)."""
     q = layer.pending
     b, h = layer.batch_heads
-    new_pos = qpos[:, None, :].expand(b, h, q)
+    qpos, qvalid = meta.qpos, meta.qvalid
+    new_valid = qvalid[:, None, :].expand(b, h, q)
     if layer.shift is not None:
-        new_pos = new_pos - layer.shift[:, :, None]
+        new_pos = qpos[:, None, :] - layer.shift[:, :, None]
         rot = cache.rope.rotate(layer.tail_keys(q), -layer.shift[:, :, None].expand(b, h, q), layer_idx)
         layer.write_tail(q, keys=rot)
-    new_valid = qvalid[:, None, :].expand(b, h, q)
-    layer.write_tail(q, positions=torch.where(new_valid, new_pos, INVALID_POSITION), valid=new_valid)
-    n_new = qvalid.sum(-1)
+        layer.write_tail(q, positions=torch.where(new_valid, new_pos, INVALID_POSITION), valid=new_valid)
+    else:
+        new_pos = qpos[:, None, :].expand(b, h, q)
+        assert meta.written is not None
+        layer.write_tail(q, positions=meta.written.expand(b, h, q), valid=new_valid)
     if layer.valid_seen is None:
-        layer.valid_seen = torch.zeros_like(n_new)
+        layer.valid_seen = torch.zeros_like(meta.n_new)
     if q == 1 and layer.prompt_valid is None and layer.seen > 1:
         layer.prompt_valid = layer.valid_seen.clone()  # decoding starts: freeze the prompt length
-    layer.valid_seen = layer.valid_seen + n_new
-    nxt = torch.where(qvalid, qpos, -1).max(dim=-1).values + 1
-    layer.next_position = nxt if layer.next_position is None else torch.maximum(layer.next_position, nxt)
-    if layer.plain:
-        expected = layer.seen - q + torch.arange(q, device=qpos.device)
-        if not bool(qvalid.all()) or not bool((qpos == expected).all()) or layer.shift is not None:
-            layer.plain = False
+    layer.valid_seen = layer.valid_seen + meta.n_new
+    assert meta.nxt is not None
+    layer.next_position = meta.nxt if layer.next_position is None else torch.maximum(layer.next_position, meta.nxt)
+    if layer.plain and (layer.shift is not None or not meta.continues_plain()):
+        layer.plain = False
     layer.pending = 0
     return new_pos
 
@@ -103,10 +132,10 @@ def record_scoring_pass(
     comp = cache.compressor
     state = layer.state
     assert state is not None
-    if "window_attn" in comp.stats:
+    if "window_attn" in cache.stats_needed:
         mass, _ = attention_mass(state, query, qpos, qvalid, scaling, window)
         layer.state = state.with_stats(window_attn=mass)
-    if comp.needs_queries:
+    if cache.needs_queries:
         layer.scoring_queries = (query.detach(), qpos, qvalid, scaling)
     layer.release_view()
 
@@ -114,7 +143,7 @@ def record_scoring_pass(
 def wants_attention_stats(cache: SlotCache) -> bool:
     """Whether a real pass must measure the attention each slot receives (``attn``, ``age``,
     ``window_attn`` statistics), i.e. whether :func:`after_attention` will compute them."""
-    need = cache.compressor.stats
+    need = cache.stats_needed
     return "attn" in need or "age" in need or ("window_attn" in need and cache.compressor.trigger.scoring_pass == "none")
 
 
@@ -130,7 +159,7 @@ def _update_stats(
 ) -> None:
     """Accumulate the framework-kept statistics the compressor's policies read (see kvframe.stats);
     ``measured``: the pass's ``(mass, seen)`` if attention already computed them."""
-    need = cache.compressor.stats
+    need = cache.stats_needed
     want_window = "window_attn" in need and cache.compressor.trigger.scoring_pass == "none"
     if not wants_attention_stats(cache):
         return
@@ -227,7 +256,7 @@ def after_attention(
             layer,
             layer_idx,
             event.phase,
-            queries=query if comp.needs_queries else None,
+            queries=query if cache.needs_queries else None,
             query_positions=qpos,
             query_valid=qvalid,
             scaling=scaling,

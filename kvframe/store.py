@@ -217,19 +217,25 @@ class SlotStore:
         self.shared = False
         self.allocations += 1
 
-    def append(self, new: SlotState) -> SlotState | None:
+    def append(self, new: SlotState, want_view: bool = True, meta_later: bool = False) -> SlotState | None:
         """Append ``new``'s slots after the held ones (in place when capacity allows); new slots get
-        zero statistics. Returns the new view (``None`` for a packed store: its view is a gather,
-        made only when a pass needs it)."""
+        zero statistics. Returns the new view if ``want_view`` (``None`` for a packed store: its
+        view is a gather, made only when a pass needs it). ``meta_later``: the caller writes the new
+        slots' positions and validity itself (:meth:`write_tail`) before anything reads them, so
+        they are not copied here (a layer pass: the attention function knows them)."""
         enc = self._encode(new)
+        skip = ("positions", "valid") if meta_later and self.parts else ()
         q = new.num_slots
         need = self.n + q
         self.version += 1
         if self.layout is not None:
-            self._append_packed(enc, q)
+            self._append_packed({k: t for k, t in enc.items() if k not in skip}, q)
         elif not self.parts:
             if self.headroom == 0 and all(_owns_storage(t) for t in enc.values()):
-                self.parts, self.shared = dict(enc), False  # the first pass: adopt its tensors as they are
+                # the first pass: adopt its keys and values as they are; the small per-slot fields
+                # are copied (the caller may reuse them, e.g. the layer's constant placeholders)
+                self.parts = {k: t if k.startswith(("keys.", "values.")) else t.clone() for k, t in enc.items()}
+                self.shared = False
                 self.allocations += 1
             else:
                 self._allocate(enc, need + self.headroom, 0)
@@ -242,12 +248,23 @@ class SlotStore:
                     cap = need + self.headroom if self.headroom else max(need, cap + max(math.ceil(cap * GROWTH), MIN_GROWTH))
                 self._allocate(self.parts, cap, self.n)
             for k, t in enc.items():
-                self.parts[k][:, :, self.n : need].copy_(t)
+                if k not in skip:
+                    self.parts[k][:, :, self.n : need].copy_(t)
         b, h = new.batch_size, new.num_heads
         self.stats = {k: torch.cat([v, v.new_zeros(b, h, q, *v.shape[3:])], dim=2) for k, v in self.stats.items()}
         self.n = need
         self._view = None
-        return None if self.layout is not None else self.view()
+        return self.view() if want_view and self.layout is None else None
+
+    def kv(self) -> tuple[Tensor, Tensor] | None:
+        """A dense store's held keys and values ``[B, H, n, D]`` (views of the buffers, no
+        :class:`SlotState` built); ``None`` for a packed or empty store."""
+        if self.layout is not None or not self.parts:
+            return None
+        n = self.n
+        keys = self.codec.decode({k[5:]: v[:, :, :n] for k, v in self.parts.items() if k.startswith("keys.")})
+        values = self.codec.decode({k[7:]: v[:, :, :n] for k, v in self.parts.items() if k.startswith("values.")})
+        return keys, values
 
     def _append_packed(self, enc: dict[str, Tensor], q: int) -> None:
         """Write ``q`` new slots per head after each segment's held ones; segments short of room
