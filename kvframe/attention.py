@@ -218,9 +218,7 @@ def _attend_packed(layer: SlotLayer, query: Tensor, qpos: Tensor, scaling: float
     """Decode attention straight over a packed store's segments (``kvframe::slot_decode_attention_packed``)."""
     store = layer.store
     parts, start, length = store.packed_slots()
-    keys = store.codec.decode({k[5:]: v for k, v in parts.items() if k.startswith("keys.")})
-    values = store.codec.decode({k[7:]: v for k, v in parts.items() if k.startswith("values.")})
     return slot_decode_attention_packed(
-        query, keys, values, parts["log_weights"], parts["positions"], parts["valid"], start, length, qpos,
+        query, store.decode("keys"), store.decode("values"), parts["log_weights"], parts["positions"], parts["valid"], start, length, qpos,
         scaling=scaling, sliding_window=window,
     )

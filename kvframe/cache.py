@@ -299,11 +299,8 @@ class SlotLayer(CacheLayerMixin):
     def content_slots(self) -> Tensor | None:
         """``[B, H]`` content slots per row and head (``None`` before the first tokens)."""
         if not self.in_scratch and self.store.layout is not None:
-            lay = self.store.layout
-            valid = self.store.parts["valid"]
-            i = torch.arange(int(lay.used.max()), device=valid.device)
-            idx = torch.where(i < lay.used[..., None], lay.start[..., None] + i, lay.size)
-            return valid[idx].sum(-1)
+            idx, held = self.store.layout.held()
+            return (self.store.parts["valid"][idx.clamp(max=self.store.layout.size)] & held).sum(-1)
         return None if self.state is None else self.state.content_slots()
 
     def nbytes(self) -> int:

@@ -78,6 +78,13 @@ class PackedLayout:
         """``[B, H, count]`` flat index of segment slots ``prefix + first .. prefix + first + count - 1``."""
         return self.start[..., None] + self.prefix[..., None] + first + torch.arange(count, device=self.start.device)
 
+    def held(self) -> tuple[Tensor, Tensor]:
+        """``[B, H, m]`` flat index of each segment's held slots (``m`` the most any holds) and
+        whether each entry is held (entries past a segment's slots are false)."""
+        m = int(self.used.max()) if self.used.numel() else 0
+        ar = torch.arange(m, device=self.start.device)
+        return self.start[..., None] + ar, ar < self.used[..., None]
+
     def appended(self, q: int) -> PackedLayout:
         return replace(self, tail=self.tail + q, free=self.free - q)
 
@@ -135,11 +142,9 @@ def pack(dense: dict[str, Tensor], layout: PackedLayout) -> dict[str, Tensor]:
 
 def repack(flat: dict[str, Tensor], old: PackedLayout, new: PackedLayout) -> dict[str, Tensor]:
     """Move every segment's held slots into ``new`` (same prefixes and tail, larger capacities)."""
-    m = int(old.used.max()) if old.used.numel() else 0
-    ar = torch.arange(m, device=old.start.device)
-    keep = ar < old.used[..., None]
-    src = (old.start[..., None] + ar)[keep]
-    dst = (new.start[..., None] + ar)[keep]
+    idx, keep = old.held()
+    src = idx[keep]
+    dst = (idx - old.start[..., None] + new.start[..., None])[keep]
     out = {}
     for k, t in flat.items():
         out[k] = _flat(k, t, new.size, tuple(t.shape[1:]))

@@ -38,6 +38,7 @@ them (never write into them), and they are small next to keys and values.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -128,8 +129,8 @@ class SlotStore:
                 idx = self.layout.view_index()
                 p = {k: v[idx] for k, v in self.parts.items()}
             self._view = SlotState(
-                keys=self.codec.decode({k[5:]: v for k, v in p.items() if k.startswith("keys.")}),
-                values=self.codec.decode({k[7:]: v for k, v in p.items() if k.startswith("values.")}),
+                keys=self.decode("keys", p),
+                values=self.decode("values", p),
                 positions=p["positions"],
                 log_weights=p["log_weights"],
                 valid=p["valid"],
@@ -262,9 +263,16 @@ class SlotStore:
         if self.layout is not None or not self.parts:
             return None
         n = self.n
-        keys = self.codec.decode({k[5:]: v[:, :, :n] for k, v in self.parts.items() if k.startswith("keys.")})
-        values = self.codec.decode({k[7:]: v[:, :, :n] for k, v in self.parts.items() if k.startswith("values.")})
-        return keys, values
+        return self.decode("keys", select=lambda v: v[:, :, :n]), self.decode("values", select=lambda v: v[:, :, :n])
+
+    def decode(self, field: str, parts: dict[str, Tensor] | None = None, select: Any = None) -> Tensor:
+        """The ``keys`` or ``values`` the codec decodes from ``parts`` (default: the buffers),
+        each part passed through ``select`` first (a slice or an index)."""
+        prefix = f"{field}."
+        src = self.parts if parts is None else parts
+        return self.codec.decode(
+            {k[len(prefix):]: (v if select is None else select(v)) for k, v in src.items() if k.startswith(prefix)}
+        )
 
     def _append_packed(self, enc: dict[str, Tensor], q: int) -> None:
         """Write ``q`` new slots per head after each segment's held ones; segments short of room
@@ -310,7 +318,7 @@ class SlotStore:
             assert view is not None
             return view.keys[:, :, -q:]
         idx = self.layout.segment_index(self.layout.tail - q, q)
-        return self.codec.decode({k[5:]: v[idx] for k, v in self.parts.items() if k.startswith("keys.")})
+        return self.decode("keys", select=lambda v: v[idx])
 
     def packed_slots(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """A packed store's flat parts (``[N + 1, ...]``; keys and values still encoded by the
